@@ -1,0 +1,20 @@
+"""fastrit: neuron-guided robust instruction tuning (Neuro-RIT), fast and small on one GPU.
+
+``import fastrit`` initialises no CUDA context and compiles no kernel.
+"""
+
+from .arch import FAMILIES, ArchSpec, resolve_arch
+from .attribution import METHODS, NeuronAttribution, attribute, attribute_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchSpec",
+    "FAMILIES",
+    "METHODS",
+    "NeuronAttribution",
+    "attribute",
+    "attribute_reference",
+    "resolve_arch",
+    "__version__",
+]

@@ -1,0 +1,210 @@
+"""Where each transformers model family keeps its decoder layers and its MLP neuron site.
+
+The *neuron site* of layer ``l`` is the input of that layer's MLP output projection (gated MLPs:
+``act(gate) * up``, the input of ``down_proj``; GPT-2: the input of ``c_proj``; GPT-NeoX: the input
+of ``dense_4h_to_h``). Neuron ``i`` of layer ``l`` is column ``i`` there.
+
+A model is described by an :class:`ArchSpec` (module paths, relative to ``model.base_model``);
+:func:`resolve_arch` finds the spec of a known family or takes one given explicitly and returns a
+:class:`ModelArch` holding the live modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["ArchSpec", "ModelArch", "FAMILIES", "resolve_arch", "linear_weight"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the neuron sites of a decoder-only model are.
+
+    Attributes:
+        layers: dotted path from ``model.base_model`` to the ``nn.ModuleList`` of decoder layers.
+        mlp_out: dotted path inside one decoder layer to the MLP output projection (a linear map).
+        final_norm: dotted path from ``model.base_model`` to the norm applied after the last layer.
+        additive_mlp: True when a layer's output is (terms that do not depend on the MLP output)
+            plus the output projection's result, with nothing applied after it (pre-norm residual
+            and parallel-residual blocks). False where the MLP output passes through a nonlinear
+            map first (Gemma2/3's post-feed-forward norm); attribution then re-runs the whole layer.
+    """
+
+    layers: str
+    mlp_out: str
+    final_norm: str
+    additive_mlp: bool = True
+
+
+_GATED = ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm")
+_GATED_POST_NORM = ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm", additive_mlp=False)
+
+#: model_type (``model.config.model_type``) -> spec, for the families fastrit recognises.
+FAMILIES: dict[str, ArchSpec] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "phi3": _GATED,
+    "gemma2": _GATED_POST_NORM,
+    "gemma3_text": _GATED_POST_NORM,
+    "gpt2": ArchSpec(layers="h", mlp_out="mlp.c_proj", final_norm="ln_f"),
+    "gpt_neox": ArchSpec(layers="layers", mlp_out="mlp.dense_4h_to_h", final_norm="final_layer_norm"),
+}
+
+_SPEC_EXAMPLE = (
+    'fastrit.ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm", additive_mlp=True) '
+    "(paths relative to model.base_model)"
+)
+
+
+@dataclass
+class ModelArch:
+    """The live modules of one model that attribution needs.
+
+    Attributes:
+        model: the causal LM (``...ForCausalLM``).
+        base: ``model.base_model``, the decoder stack that returns hidden states.
+        layers: the decoder layers, in order.
+        mlp_out: the MLP output projection of every layer (``mlp_out[l]`` belongs to ``layers[l]``).
+        final_norm: the norm after the last layer.
+        lm_head: the output embedding, hidden -> vocabulary logits.
+        spec: the spec these were found with.
+    """
+
+    model: nn.Module
+    base: nn.Module
+    layers: nn.ModuleList
+    mlp_out: list[nn.Module]
+    final_norm: nn.Module
+    lm_head: nn.Module
+    spec: ArchSpec
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def intermediate_size(self) -> int:
+        return linear_in_features(self.mlp_out[0])
+
+    @property
+    def max_positions(self) -> int | None:
+        config = self.model.config
+        for name in ("max_position_embeddings", "n_positions"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits, float32, of final-normed hidden states ``[..., D] -> [..., V]``.
+
+        Applies the family's logit soft-capping (Gemma2/3 ``final_logit_softcapping``) as the
+        model's own ``forward`` does.
+        """
+        logits = self.lm_head(hidden).float()
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def _get_path(root: nn.Module, path: str) -> nn.Module | None:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _unsupported(model: nn.Module, why: str) -> ValueError:
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    families = ", ".join(sorted(FAMILIES))
+    return ValueError(
+        f"model: cannot find the MLP neurons of a {model_type!r} model ({why}). "
+        f"Supported families: {families}. For any other decoder-only model pass spec=, e.g. {_SPEC_EXAMPLE}"
+    )
+
+
+def resolve_arch(model: nn.Module, spec: ArchSpec | None = None) -> ModelArch:
+    """Find the decoder layers, neuron sites and output head of ``model``.
+
+    Args:
+        model: a transformers causal LM (has ``base_model`` and ``get_output_embeddings()``).
+        spec: where the modules are; default: the spec of the model's family (``config.model_type``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or ``spec`` is not an ``ArchSpec``.
+        ValueError: the family is unknown and no spec was given, or the spec's paths do not lead
+            to a layer list, linear output projections and a final norm. The message lists the
+            supported families and shows how to pass a spec.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
+    if spec is not None and not isinstance(spec, ArchSpec):
+        raise TypeError(f"spec: expected fastrit.ArchSpec or None, got {type(spec).__name__}")
+    config = getattr(model, "config", None)
+    if spec is None:
+        model_type = getattr(config, "model_type", None)
+        if model_type not in FAMILIES:
+            raise _unsupported(model, "unknown model family")
+        spec = FAMILIES[model_type]
+    base = getattr(model, "base_model", None)
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if base is None or base is model or lm_head is None:
+        raise _unsupported(model, "not a causal LM with a base model and an output head")
+    layers = _get_path(base, spec.layers)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise _unsupported(model, f"no decoder layer list at base_model.{spec.layers}")
+    mlp_out = [_get_path(layer, spec.mlp_out) for layer in layers]
+    if any(m is None or linear_in_features(m) is None for m in mlp_out):
+        raise _unsupported(model, f"no linear MLP output projection at <layer>.{spec.mlp_out}")
+    final_norm = _get_path(base, spec.final_norm)
+    if final_norm is None:
+        raise _unsupported(model, f"no final norm at base_model.{spec.final_norm}")
+    return ModelArch(model, base, layers, mlp_out, final_norm, lm_head, spec)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D stores its weight as [in_features, out_features].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(
+        getattr(module, "weight", None), "quant_state"
+    )
+
+
+def linear_in_features(module: nn.Module) -> int | None:
+    """Input width (number of neurons) of a linear output projection, or None if not linear."""
+    if _is_conv1d(module):
+        return int(module.weight.shape[0])
+    in_features = getattr(module, "in_features", None)
+    if isinstance(in_features, int) and hasattr(module, "weight"):
+        return in_features
+    return None
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The dense weight of a linear output projection as float32 ``[out_features, in_features]``.
+
+    ``nn.Linear`` as is, GPT-2's ``Conv1D`` transposed, bitsandbytes 4-bit layers dequantized.
+    The module itself is not changed.
+    """
+    if _is_bnb_4bit(module):
+        import bitsandbytes.functional as bnbf
+
+        weight = module.weight
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    if _is_conv1d(module):
+        return module.weight.detach().t().float()
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().float()
+    raise TypeError(f"mlp_out: unsupported output projection type {type(module).__name__}")

@@ -1,0 +1,155 @@
+"""Checking attribution arguments and turning padded batches into scored sequences.
+
+The *scored sequence* of an example is its real prompt tokens followed by ``answer[:-1]``
+(teacher forcing); the answer token ``j`` is predicted at position ``prompt_len - 1 + j``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .integration import integration_points
+
+OBJECTIVES = ("logprob", "prob")
+POSITIONS = ("last", "answer", "all")
+
+__all__ = ["OBJECTIVES", "POSITIONS", "ScoredExample", "check_settings", "scored_examples", "objective_from_logits"]
+
+
+@dataclass(frozen=True)
+class ScoredExample:
+    """One example, unpadded.
+
+    Attributes:
+        ids: ``[S]`` int64, prompt + answer[:-1].
+        prompt_len: number of real prompt tokens ``Tp`` (>= 1).
+        answer: ``[K]`` int64 answer tokens (K >= 1).
+        positions: ``[P]`` int64, sorted positions whose site is scaled.
+    """
+
+    ids: torch.Tensor
+    prompt_len: int
+    answer: torch.Tensor
+    positions: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def first_position(self) -> int:
+        """The first scaled position: nothing before it changes when the site is scaled."""
+        return int(self.positions[0])
+
+    @property
+    def answer_positions(self) -> torch.Tensor:
+        """``[K]`` positions whose next-token prediction is an answer token."""
+        return torch.arange(self.prompt_len - 1, self.length, device=self.ids.device)
+
+
+def check_settings(objective: str, positions: str, method: str, steps: int, batch_size: int | None) -> None:
+    """Validate the scalar settings of ``attribute``; raise ValueError/TypeError naming the argument."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions: expected one of {', '.join(POSITIONS)}, got {positions!r}")
+    integration_points(method, steps)  # raises for an unknown method or too few steps
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
+            raise TypeError(f"batch_size: expected an int or None, got {type(batch_size).__name__}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+
+
+def _check_int_matrix(name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got {value.dtype}")
+    if value.dim() != 2:
+        raise ValueError(f"{name}: expected shape [B, T], got {list(value.shape)}")
+    return value
+
+
+def scored_examples(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    target_ids: torch.Tensor,
+    positions: str,
+    max_positions: int | None,
+) -> list[ScoredExample]:
+    """Unpad a batch into :class:`ScoredExample` s (on the device of ``input_ids``).
+
+    Args:
+        input_ids: ``[B, T]`` prompts, padded on either side.
+        attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding; None means all real.
+        target_ids: ``[B, K]`` answer tokens, padded with -100.
+        positions: one of :data:`POSITIONS`.
+        max_positions: the model's maximum sequence length, or None if it has none.
+    """
+    input_ids = _check_int_matrix("input_ids", input_ids)
+    target_ids = _check_int_matrix("target_ids", target_ids)
+    batch, width = input_ids.shape
+    if batch == 0 or width == 0:
+        raise ValueError(f"input_ids: expected at least one prompt of at least one token, got {list(input_ids.shape)}")
+    if target_ids.shape[0] != batch:
+        raise ValueError(f"target_ids: expected {batch} rows to match input_ids, got {target_ids.shape[0]}")
+    if target_ids.shape[1] == 0:
+        raise ValueError("target_ids: expected at least one answer token per row, got shape [B, 0]")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    elif not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor or None, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask: expected shape {list(input_ids.shape)} like input_ids, got {list(attention_mask.shape)}"
+        )
+    attention_mask = attention_mask.to(input_ids.device)
+    target_ids = target_ids.to(input_ids.device)
+
+    examples = []
+    for b in range(batch):
+        real = attention_mask[b] != 0
+        prompt = input_ids[b][real].long()
+        answer = target_ids[b][target_ids[b] != -100].long()
+        if prompt.numel() == 0:
+            raise ValueError(f"attention_mask: row {b} has no real prompt token")
+        if answer.numel() == 0:
+            raise ValueError(f"target_ids: row {b} has no answer token (all -100)")
+        if (answer < 0).any() or (prompt < 0).any():
+            raise ValueError(f"target_ids/input_ids: row {b} holds a negative token id other than -100 padding")
+        ids = torch.cat([prompt, answer[:-1]])
+        if max_positions is not None and ids.numel() > max_positions:
+            raise ValueError(
+                f"input_ids/target_ids: row {b} is {ids.numel()} tokens long (prompt + answer - 1), "
+                f"more than the model's maximum of {max_positions} positions"
+            )
+        prompt_len = int(prompt.numel())
+        if positions == "last":
+            scaled = torch.tensor([prompt_len - 1], device=ids.device)
+        elif positions == "answer":
+            scaled = torch.arange(prompt_len - 1, ids.numel(), device=ids.device)
+        else:
+            scaled = torch.arange(ids.numel(), device=ids.device)
+        examples.append(ScoredExample(ids, prompt_len, answer, scaled))
+    return examples
+
+
+def objective_from_logits(logits: torch.Tensor, answer: torch.Tensor, objective: str) -> torch.Tensor:
+    """The objective of each row from its logits at the answer positions.
+
+    Args:
+        logits: ``[R, K, V]`` logits at the K positions that predict the K answer tokens.
+        answer: ``[K]`` answer token ids.
+        objective: ``"logprob"`` (sum_j log p(answer_j | ...)) or ``"prob"`` (p(answer_0 | prompt)).
+
+    Returns:
+        ``[R]`` float32.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, answer.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
+    if objective == "logprob":
+        return picked.sum(dim=-1)
+    return picked[:, 0].exp()

@@ -1,0 +1,127 @@
+"""The slow, obvious attribution loop: the oracle that ``fastrit.attribute`` is tested against.
+
+Knowledge-neurons style: for each example, each layer and each batch of integration steps, one
+full forward of the whole scored sequence through the model's own ``forward`` (logits included),
+with a hook that replaces the site at the scaled positions by ``alpha_k * a``, then one backward to
+that replacement. ``F(a)`` and ``F(0)`` come from two more full forwards per layer. Nothing is
+cached or reused, and nothing of :mod:`.sweep` or the additive-MLP shortcut is used.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import ArchSpec, resolve_arch
+from .engine import model_session, resolve_layers
+from .inputs import ScoredExample, check_settings, objective_from_logits, scored_examples
+from .integration import integration_points
+from .result import NeuronAttribution
+
+__all__ = ["attribute_reference"]
+
+
+def _objective_with_site(
+    model: nn.Module, mlp_out: nn.Module, example: ScoredExample, objective: str, site_at_positions: torch.Tensor
+) -> torch.Tensor:
+    """``[R]`` objective of the full model with the site at the scaled positions set to ``site_at_positions [R, P, I]``."""
+    rows = site_at_positions.shape[0]
+
+    def hook(module: nn.Module, args: tuple) -> tuple:
+        site = args[0].clone()
+        site[:, example.positions] = site_at_positions.to(site.dtype)
+        return (site, *args[1:])
+
+    handle = mlp_out.register_forward_pre_hook(hook)
+    try:
+        logits = model(input_ids=example.ids[None].expand(rows, -1), use_cache=False).logits
+    finally:
+        handle.remove()
+    return objective_from_logits(logits[:, example.answer_positions], example.answer, objective)
+
+
+def _clean_site(model: nn.Module, mlp_out: nn.Module, example: ScoredExample) -> torch.Tensor:
+    captured = {}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        captured["site"] = args[0][0, example.positions].detach()
+
+    handle = mlp_out.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            model(input_ids=example.ids[None], use_cache=False)
+    finally:
+        handle.remove()
+    return captured["site"]
+
+
+def attribute_reference(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    target_ids: torch.Tensor,
+    objective: str = "logprob",
+    positions: str = "last",
+    steps: int = 20,
+    method: str = "riemann_right",
+    layers: Sequence[int] | None = None,
+    steps_per_batch: int | None = None,
+    progress: bool = False,
+    spec: ArchSpec | None = None,
+) -> NeuronAttribution:
+    """Same contract and result as :func:`fastrit.attribute`, computed the slow way.
+
+    ``steps_per_batch`` integration points share one forward/backward (default: all ``steps``);
+    the knowledge-neurons package batches them the same way.
+    """
+    arch = resolve_arch(model, spec)
+    check_settings(objective, positions, method, steps, steps_per_batch)
+    layer_list = resolve_layers(layers, arch.num_layers)
+    device = arch.base.get_input_embeddings().weight.device
+    if isinstance(input_ids, torch.Tensor):
+        input_ids = input_ids.to(device)
+    examples = scored_examples(input_ids, attention_mask, target_ids, positions, arch.max_positions)
+    alphas, weights = integration_points(method, steps)
+    per_batch = steps_per_batch or steps
+
+    scores = torch.zeros(len(examples), len(layer_list), arch.intermediate_size)
+    delta = torch.zeros(len(examples), len(layer_list))
+    bar = tqdm(total=len(examples) * len(layer_list), desc="reference IG", disable=not progress)
+    try:
+        with model_session(model):
+            for b, example in enumerate(examples):
+                for j, layer in enumerate(layer_list):
+                    mlp_out = arch.mlp_out[layer]
+                    site = _clean_site(model, mlp_out, example)  # [P, I]
+                    total_grad = torch.zeros(site.shape, dtype=torch.float32, device=site.device)
+                    for start in range(0, steps, per_batch):
+                        batch_alphas = torch.tensor(alphas[start : start + per_batch], device=site.device)
+                        batch_weights = torch.tensor(weights[start : start + per_batch], device=site.device)
+                        scaled = (batch_alphas.view(-1, 1, 1) * site.float()).to(site.dtype).requires_grad_(True)
+                        with torch.enable_grad():
+                            values = _objective_with_site(model, mlp_out, example, objective, scaled)
+                            (grad,) = torch.autograd.grad(values.sum(), scaled)
+                        total_grad += torch.einsum("k,kpi->pi", batch_weights, grad.float())
+                    layer_scores = (site.float() * total_grad).sum(dim=0)
+                    with torch.no_grad():
+                        ends = torch.stack([site, torch.zeros_like(site)])
+                        f_clean, f_zero = _objective_with_site(model, mlp_out, example, objective, ends).tolist()
+                    scores[b, j] = layer_scores.cpu()
+                    delta[b, j] = layer_scores.sum().item() - (f_clean - f_zero)
+                    bar.update(1)
+    finally:
+        bar.close()
+    settings = {
+        "objective": objective,
+        "positions": positions,
+        "steps": steps,
+        "method": method,
+        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model_type": getattr(model.config, "model_type", ""),
+        "reference": True,
+    }
+    return NeuronAttribution(scores=scores, delta=delta, layers=layer_list, settings=settings)

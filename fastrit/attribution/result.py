@@ -1,0 +1,90 @@
+"""NeuronAttribution: the scores of one ``attribute`` call, saved as one safetensors file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["NeuronAttribution"]
+
+_FORMAT = "fastrit.NeuronAttribution/1"
+
+
+@dataclass
+class NeuronAttribution:
+    """Integrated-Gradients scores of every MLP neuron of the chosen layers.
+
+    Attributes:
+        scores: ``[B, len(layers), I]`` float32; ``scores[b, j, i]`` is the IG score of neuron ``i``
+            of layer ``layers[j]`` for example ``b``, summed over the scaled positions.
+        delta: ``[B, len(layers)]`` float32 completeness error, ``sum_i scores - (F(a) - F(0))``.
+        layers: the layer indices, in the order of ``scores``' second axis.
+        settings: how the scores were made (objective, positions, steps, method, model, ...);
+            JSON-serialisable values only.
+    """
+
+    scores: torch.Tensor
+    delta: torch.Tensor
+    layers: list[int]
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.scores.dim() != 3 or self.delta.shape != self.scores.shape[:2]:
+            raise ValueError(
+                f"scores/delta: expected [B, L, I] and [B, L], got {list(self.scores.shape)} and {list(self.delta.shape)}"
+            )
+        if len(self.layers) != self.scores.shape[1]:
+            raise ValueError(f"layers: expected {self.scores.shape[1]} layer indices, got {len(self.layers)}")
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.scores.shape[0])
+
+    def layer(self, index: int) -> torch.Tensor:
+        """``[B, I]`` scores of model layer ``index`` (a model layer index, not a position in ``layers``)."""
+        if index not in self.layers:
+            raise ValueError(f"index: layer {index} was not attributed; layers are {self.layers}")
+        return self.scores[:, self.layers.index(index)]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the scores to ``path`` (safetensors, settings as JSON in its metadata).
+
+        The file is written to a temporary name beside ``path`` and renamed, so an interrupted
+        save never leaves a half-written file under ``path``.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": _FORMAT, "layers": json.dumps(self.layers), "settings": json.dumps(self.settings)}
+        tensors = {"scores": self.scores.detach().cpu().contiguous(), "delta": self.delta.detach().cpu().contiguous()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> NeuronAttribution:
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"path: {path} is not a fastrit NeuronAttribution file")
+        tensors = load_file(str(path))
+        return cls(
+            scores=tensors["scores"],
+            delta=tensors["delta"],
+            layers=[int(x) for x in json.loads(meta["layers"])],
+            settings=json.loads(meta["settings"]),
+        )

@@ -1,0 +1,167 @@
+"""Running the upper part of a model on injected hidden states, with its own layers.
+
+IG rows for layer ``l`` differ from the clean forward only from layer ``l`` upwards and only at
+positions ``>= p0`` (the first scaled position). :func:`run_tail` runs the model's own forward,
+with the layers below an *entry* layer replaced by pass-throughs and the entry layer's input
+replaced by the given hidden states, so that nothing below is recomputed and every family keeps
+its own attention, rotary embeddings, norms and residual structure.
+
+Rows are laid out as extra tokens: each batch row packs ``g`` IG rows of ``n`` tokens one after
+another, all at the positions ``p0 .. p0 + n - 1``, and a 4D attention mask lets each IG row see
+the cached prefix (positions ``< p0``, from the clean forward) and itself only. The prefix cache is
+therefore shared by ``g`` IG rows instead of being copied for each.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..arch import ModelArch
+
+__all__ = ["RowLayout", "run_tail", "replacing_input", "layers_bypassed"]
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a decoder layer below the entry layer: returns its hidden states untouched."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return hidden_states
+
+
+def _replace_first_input(value: torch.Tensor) -> Callable:
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (value, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": value}
+
+    return hook
+
+
+@contextmanager
+def layers_bypassed(arch: ModelArch, below: int) -> Iterator[None]:
+    """Within the block, the decoder layers ``0 .. below-1`` are pass-throughs."""
+    originals = [arch.layers[i] for i in range(below)]
+    try:
+        for i in range(below):
+            arch.layers[i] = _PassThrough()
+        yield
+    finally:
+        for i, module in enumerate(originals):
+            arch.layers[i] = module
+
+
+@contextmanager
+def replacing_input(module: nn.Module, value: torch.Tensor) -> Iterator[None]:
+    """Within the block, ``module`` receives ``value`` as its first input (its hidden states)."""
+    handle = module.register_forward_pre_hook(_replace_first_input(value), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """How ``rows`` IG rows of ``n`` tokens each are packed into ``batch`` sequences of ``group * n`` tokens.
+
+    Slots beyond ``rows`` (``batch * group - rows`` of them) are filler and are ignored.
+    """
+
+    rows: int
+    n: int
+    group: int
+
+    @classmethod
+    def for_prefix(cls, rows: int, n: int, prefix: int) -> RowLayout:
+        # Packing g rows makes each query see prefix + g*n keys; keep g*n <= prefix so that
+        # attention costs at most twice the unpacked cost while the prefix is stored once per g rows.
+        group = max(1, min(rows, prefix // n)) if prefix > 0 else 1
+        return cls(rows, n, group)
+
+    @property
+    def batch(self) -> int:
+        return math.ceil(self.rows / self.group)
+
+    @property
+    def slots(self) -> int:
+        return self.batch * self.group
+
+    @property
+    def tokens(self) -> int:
+        return self.group * self.n
+
+    def pack(self, per_row: torch.Tensor) -> torch.Tensor:
+        """``[slots, n, ...] -> [batch, group * n, ...]``."""
+        return per_row.reshape(self.batch, self.tokens, *per_row.shape[2:])
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[batch, group * n, ...] -> [rows, n, ...]`` (filler slots dropped)."""
+        return packed.reshape(self.slots, self.n, *packed.shape[2:])[: self.rows]
+
+    def attention_mask(self, prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Additive float mask ``[batch, 1, group*n, prefix + group*n]``: the prefix and its own earlier tokens."""
+        q = torch.arange(self.tokens, device=device)
+        same_row = (q[:, None] // self.n) == (q[None, :] // self.n)
+        visible = same_row & (q[None, :] <= q[:, None])
+        visible = torch.cat([torch.ones(self.tokens, prefix, dtype=torch.bool, device=device), visible], dim=1)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
+        mask.masked_fill_(~visible, torch.finfo(dtype).min)
+        return mask[None, None].expand(self.batch, 1, *mask.shape)
+
+    def position_ids(self, first: int, device: torch.device) -> torch.Tensor:
+        """``[batch, group*n]``: every packed row sits at positions ``first .. first + n - 1``."""
+        return torch.arange(first, first + self.n, device=device).repeat(self.group).expand(self.batch, -1)
+
+
+def _prefix_cache(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], entry: int, batch: int) -> DynamicCache:
+    data = []
+    for layer, (keys, values) in enumerate(prefix_kv):
+        if layer < entry:
+            data.append((None, None))
+        else:
+            data.append((keys.expand(batch, *keys.shape[1:]), values.expand(batch, *values.shape[1:])))
+    return DynamicCache(ddp_cache_data=data)
+
+
+def run_tail(
+    arch: ModelArch,
+    entry: int,
+    hidden: torch.Tensor,
+    layout: RowLayout,
+    first: int,
+    prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> torch.Tensor:
+    """Final-normed hidden states of layers ``entry ..`` run on ``hidden``.
+
+    Args:
+        arch: the model's modules.
+        entry: the first layer to run (``arch.num_layers`` runs only the final norm).
+        hidden: ``[layout.slots, n, D]`` input of layer ``entry`` for each row, positions ``first ..``.
+        layout: how the rows are packed.
+        first: position of the rows' first token.
+        prefix_kv: per layer, keys and values ``[1, heads, first, head_dim]`` of positions ``< first``
+            from the clean forward; None when ``first == 0``.
+
+    Returns:
+        ``[layout.rows, n, D]`` final-normed hidden states.
+    """
+    packed = layout.pack(hidden)
+    device, dtype = packed.device, packed.dtype
+    target = arch.layers[entry] if entry < arch.num_layers else arch.final_norm
+    cache = _prefix_cache(prefix_kv, entry, layout.batch) if prefix_kv is not None and first > 0 else None
+    with layers_bypassed(arch, min(entry, arch.num_layers)), replacing_input(target, packed):
+        out = arch.base(
+            inputs_embeds=torch.zeros_like(packed, requires_grad=False),
+            attention_mask=layout.attention_mask(first, dtype, device),
+            position_ids=layout.position_ids(first, device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+    return layout.unpack(out.last_hidden_state)
