@@ -1,0 +1,90 @@
+"""fastrit.attribute equals the slow reference loop (fp32, 1e-4 relative) on every family and setting."""
+
+import pytest
+import torch
+
+import fastrit
+from tests.tiny_models import prompt_batch
+
+CORE_FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox"]
+OTHER_FAMILIES = ["qwen3", "gemma", "gemma2", "phi3"]
+TOL = 1e-4
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def compare(model, padding_side, **settings):
+    input_ids, attention_mask, target_ids = prompt_batch(padding_side)
+    fast = fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids, **settings)
+    ref = fastrit.attribute_reference(
+        model, input_ids, attention_mask=attention_mask, target_ids=target_ids, **settings
+    )
+    assert fast.scores.shape == ref.scores.shape == (3, model.config.num_hidden_layers, 48)
+    assert fast.scores.dtype == torch.float32 and fast.delta.dtype == torch.float32
+    assert ref.scores.abs().max() > 1e-6  # the comparison is not between two all-zero tensors
+    assert relative_error(fast.scores, ref.scores) < TOL
+    # delta = sum(scores) - (F(a) - F(0)): compare on the scale of the scores it is made of
+    assert float((fast.delta - ref.delta).abs().max()) < TOL * float(ref.scores.abs().sum(-1).max())
+    return fast, ref
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+@pytest.mark.parametrize("positions", ["last", "answer", "all"])
+@pytest.mark.parametrize("objective", ["logprob", "prob"])
+@pytest.mark.parametrize("method", ["riemann_right", "gausslegendre"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_equals_reference(tiny_model, family, positions, objective, method, padding_side):
+    compare(tiny_model(family), padding_side, positions=positions, objective=objective, method=method, steps=5)
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+@pytest.mark.parametrize("positions", ["last", "answer", "all"])
+@pytest.mark.parametrize("objective", ["logprob", "prob"])
+def test_equals_reference_other_families(tiny_model, family, positions, objective):
+    compare(tiny_model(family), "left", positions=positions, objective=objective, method="riemann_right", steps=4)
+
+
+@pytest.mark.parametrize("method", ["riemann_left", "riemann_middle", "riemann_trapezoid"])
+def test_other_integration_rules(tiny_model, method):
+    compare(tiny_model("llama"), "right", positions="answer", method=method, steps=6)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 7])
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_batch_size_does_not_change_results(tiny_model, batch_size, positions):
+    model = tiny_model("gpt_neox")
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions=positions, steps=6)
+    default = fastrit.attribute(model, input_ids, **kwargs)
+    bounded = fastrit.attribute(model, input_ids, batch_size=batch_size, **kwargs)
+    assert relative_error(bounded.scores, default.scores) < TOL
+    assert torch.allclose(bounded.delta, default.delta, atol=1e-5)
+
+
+def test_layer_subset_and_negative_indices(tiny_model):
+    model = tiny_model("qwen2")
+    input_ids, attention_mask, target_ids = prompt_batch("right")
+    kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions="answer", steps=4)
+    full = fastrit.attribute(model, input_ids, **kwargs)
+    sub = fastrit.attribute(model, input_ids, layers=[-1, 0], **kwargs)
+    assert sub.layers == [2, 0]
+    assert relative_error(sub.scores[:, 0], full.scores[:, 2]) < TOL
+    assert relative_error(sub.layer(0), full.layer(0)) < TOL
+
+
+def test_gausslegendre_converges_faster_than_riemann(tiny_model):
+    model = tiny_model("llama")
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions="all")
+    gl = fastrit.attribute(model, input_ids, method="gausslegendre", steps=8, **kwargs)
+    rr = fastrit.attribute(model, input_ids, method="riemann_right", steps=20, **kwargs)
+    assert gl.delta.abs().max() < rr.delta.abs().max()
+
+
+def test_progress_bar(tiny_model, capsys):
+    model = tiny_model("llama")
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids, steps=2, progress=True)
+    assert "fastrit.attribute" in capsys.readouterr().err
