@@ -4,7 +4,9 @@ import torch
 import transformers
 
 VOCAB = 96
-_COMMON = dict(vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2
+_COMMON = dict(
+    vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.1, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2,
 )
 _GATED = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 

@@ -9,7 +9,7 @@ cached or reused, and nothing of :mod:`.sweep` or the additive-MLP shortcut is u
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ __all__ = ["attribute_reference"]
 def _objective_with_site(
     model: nn.Module, mlp_out: nn.Module, example: ScoredExample, objective: str, site_at_positions: torch.Tensor
 ) -> torch.Tensor:
-    """``[R]`` objective of the full model with the site at the scaled positions set to ``site_at_positions [R, P, I]``."""
+    """``[R]`` objective of the full model, the site at the scaled positions set to ``site_at_positions [R, P, I]``."""
     rows = site_at_positions.shape[0]
 
     def hook(module: nn.Module, args: tuple) -> tuple:

@@ -37,7 +37,8 @@ class NeuronAttribution:
     def __post_init__(self) -> None:
         if self.scores.dim() != 3 or self.delta.shape != self.scores.shape[:2]:
             raise ValueError(
-                f"scores/delta: expected [B, L, I] and [B, L], got {list(self.scores.shape)} and {list(self.delta.shape)}"
+                "scores/delta: expected [B, L, I] and [B, L], "
+                f"got {list(self.scores.shape)} and {list(self.delta.shape)}"
             )
         if len(self.layers) != self.scores.shape[1]:
             raise ValueError(f"layers: expected {self.scores.shape[1]} layer indices, got {len(self.layers)}")

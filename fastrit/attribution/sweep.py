@@ -15,9 +15,9 @@ therefore shared by ``g`` IG rows instead of being copied for each.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

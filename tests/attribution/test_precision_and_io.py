@@ -1,0 +1,59 @@
+"""bf16/fp16 models against the fp32 reference; integration points against Captum's; save/load."""
+
+import pytest
+import torch
+
+import fastrit
+from fastrit.attribution.integration import METHODS, integration_points
+from tests.tiny_models import prompt_batch
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_bf16_model_within_2e2_of_fp32_reference(tiny_model, family, positions):
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions=positions, steps=8)
+    ref = fastrit.attribute_reference(tiny_model(family), input_ids, **kwargs)
+    got = fastrit.attribute(tiny_model(family, torch.bfloat16), input_ids, **kwargs)
+    assert got.scores.dtype == torch.float32
+    assert float((got.scores - ref.scores).abs().max() / ref.scores.abs().max()) < 2e-2
+
+
+def test_fp16_model_runs_close_to_fp32(tiny_model):
+    input_ids, attention_mask, target_ids = prompt_batch("right")
+    kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions="answer", steps=8)
+    ref = fastrit.attribute_reference(tiny_model("qwen2"), input_ids, **kwargs)
+    got = fastrit.attribute(tiny_model("qwen2", torch.float16), input_ids, **kwargs)
+    assert float((got.scores - ref.scores).abs().max() / ref.scores.abs().max()) < 2e-2
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("steps", [2, 3, 7, 20, 50])
+def test_integration_points_are_captums(method, steps):
+    approximation = pytest.importorskip("captum.attr._utils.approximation_methods")
+    step_sizes, alphas = approximation.approximation_parameters(method)
+    got_alphas, got_weights = integration_points(method, steps)
+    assert got_alphas == alphas(steps)
+    assert got_weights == step_sizes(steps)
+
+
+def test_save_load_round_trip(tiny_model, tmp_path):
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    result = fastrit.attribute(
+        tiny_model("llama"), input_ids, attention_mask=attention_mask, target_ids=target_ids, steps=3, layers=[2, 0]
+    )
+    path = result.save(tmp_path / "sub" / "attr.safetensors")
+    loaded = fastrit.NeuronAttribution.load(path)
+    assert torch.equal(loaded.scores, result.scores) and torch.equal(loaded.delta, result.delta)
+    assert loaded.layers == [2, 0]
+    assert loaded.settings == result.settings and loaded.settings["steps"] == 3
+    assert [p.name for p in path.parent.iterdir()] == ["attr.safetensors"]  # no temporary file left
+
+
+def test_load_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match="path"):
+        fastrit.NeuronAttribution.load(path)

@@ -1,0 +1,76 @@
+"""Family detection, explicit specs, and the error for models fastrit cannot read."""
+
+import pytest
+import torch
+import transformers
+
+import fastrit
+from fastrit.arch import linear_weight
+from tests.tiny_models import prompt_batch
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_is_detected(tiny_model, family):
+    model = tiny_model(family)
+    arch = fastrit.resolve_arch(model)
+    assert arch.num_layers == 3 and arch.intermediate_size == 48
+    assert arch.spec.additive_mlp == (family not in ("gemma2",))
+    # the site really is the input of the output projection: it maps I -> hidden
+    weight = linear_weight(arch.mlp_out[0])
+    assert weight.shape == (32, 48) and weight.dtype == torch.float32
+
+
+def test_conv1d_weight_is_transposed(tiny_model):
+    model = tiny_model("gpt2")
+    c_proj = model.transformer.h[0].mlp.c_proj
+    x = torch.randn(5, 48)
+    want = c_proj(x) - c_proj.bias
+    assert torch.allclose(x @ linear_weight(c_proj).t(), want, atol=1e-6)
+
+
+def olmo_model():
+    torch.manual_seed(0)
+    config = transformers.OlmoConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_unknown_family_error_lists_families_and_spec():
+    with pytest.raises(ValueError) as info:
+        fastrit.resolve_arch(olmo_model())
+    message = str(info.value)
+    assert message.startswith("model:") and "'olmo'" in message
+    for family in FAMILIES:
+        assert family in message
+    assert "fastrit.ArchSpec(" in message
+
+
+def test_explicit_spec_for_an_unknown_family():
+    model = olmo_model()
+    spec = fastrit.ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm")
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions="answer", steps=4, spec=spec)
+    fast = fastrit.attribute(model, input_ids, **kwargs)
+    ref = fastrit.attribute_reference(model, input_ids, **kwargs)
+    assert float((fast.scores - ref.scores).abs().max() / ref.scores.abs().max()) < 1e-4
+
+
+def test_spec_with_wrong_paths_is_reported(tiny_model):
+    bad = fastrit.ArchSpec(layers="layers", mlp_out="mlp.nope", final_norm="norm")
+    with pytest.raises(ValueError, match="mlp.nope"):
+        fastrit.resolve_arch(tiny_model("llama"), bad)
+    with pytest.raises(TypeError, match="spec"):
+        fastrit.resolve_arch(tiny_model("llama"), {"layers": "layers"})
+
+
+def test_import_is_lean():
+    import subprocess
+    import sys
+
+    code = "import fastrit, sys, torch; assert not torch.cuda.is_initialized(); print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
