@@ -4,9 +4,10 @@ For each example:
 
 1. One clean forward (no grad) gives every layer's site activation ``a`` at the scaled positions,
    every layer's output (or input) at positions ``>= p0`` and the key/value cache of the prefix.
-2. For each layer ``l`` the IG rows (one per step, plus one at alpha = 0 for ``F(0)``) start at
-   layer ``l``, not at the embeddings, and recompute only positions ``>= p0`` against the cached
-   prefix (see :mod:`.sweep`).
+2. The IG rows (per layer, one per step plus one at alpha = 0 for ``F(0)``) of all layers travel
+   up the network together, in chunks of at most ``batch_size`` rows: a row of layer ``l`` enters
+   at layer ``l`` (or ``l + 1``), not at the embeddings, and only positions ``>= p0`` are recomputed,
+   against the cached prefix (see :mod:`.sweep`). Each chunk is one forward and one backward.
    - Additive-MLP families: the output projection is linear, so layer ``l``'s output with the
      site at ``alpha * a`` is the clean output plus ``(alpha - 1) * W a``. The rows start at layer
      ``l + 1`` with that, and the site gradient is ``W^T`` times the gradient of layer ``l``'s output:
@@ -20,7 +21,8 @@ For each example:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -94,6 +96,7 @@ class _CleanPass:
             IG rows enter: layer ``l``'s output (additive MLP) or its input (otherwise).
         prefix_kv: per model layer, keys/values of positions ``< p0``; None when ``p0 == 0``.
         objective: ``F(a)``, float.
+        dtype: the dtype of the model's hidden states.
     """
 
     def __init__(self, arch: ModelArch, example: ScoredExample, layers: list[int], objective: str) -> None:
@@ -131,6 +134,7 @@ class _CleanPass:
                     handles.append(arch.layers[layer].register_forward_pre_hook(capture_input(layer), with_kwargs=True))
             with torch.no_grad():
                 out = arch.base(input_ids=example.ids[None], use_cache=p0 > 0)
+                self.dtype = out.last_hidden_state.dtype
                 final = out.last_hidden_state[0, example.answer_positions]
                 self.objective = float(objective_from_logits(arch.logits(final)[None], example.answer, objective)[0])
         finally:
@@ -142,86 +146,159 @@ class _CleanPass:
             self.prefix_kv = [(lay.keys[:, :, :p0], lay.values[:, :, :p0]) for lay in cache.layers]
 
 
-def _default_batch_size(arch: ModelArch, n_tokens: int, rows_per_layer: int, elem_bytes: int) -> int:
+def _default_batch_size(arch: ModelArch, n_tokens: int, total_rows: int, elem_bytes: int) -> int:
     hidden = arch.model.config.hidden_size
     per_token = arch.num_layers * (_ACT_ELEMS_PER_D * hidden + _ACT_ELEMS_PER_I * arch.intermediate_size)
     per_row = max(1, n_tokens * per_token * elem_bytes)
-    return max(1, min(rows_per_layer, _DEFAULT_ACTIVATION_BUDGET // per_row))
+    return max(1, min(total_rows, _DEFAULT_ACTIVATION_BUDGET // per_row))
 
 
-def _layer_scores(
+@dataclass(frozen=True)
+class _Row:
+    """One IG row: layer ``layer`` with its site at ``alpha * a``, weighted ``weight`` in the sum.
+
+    The baseline row (alpha = 0, weight 0) gives ``F(0)`` for delta.
+    """
+
+    layer: int
+    alpha: float
+    weight: float
+    baseline: bool = False
+
+
+class _LayerTerms:
+    """What the rows of one layer need: its entry layer, clean entry state, and the linear map ``W``."""
+
+    def __init__(self, arch: ModelArch, clean: _CleanPass, layer: int) -> None:
+        self.site = clean.site[layer].float()  # [P, I]
+        self.entry_hidden = clean.entry_hidden[layer]  # [n, D]
+        if arch.spec.additive_mlp:
+            self.weight = linear_weight(arch.mlp_out[layer]).to(self.site.device)  # [D, I]
+            self.site_out = self.site @ self.weight.t()  # [P, D]: W a
+            self.entry = layer + 1
+        else:
+            self.entry = layer
+        self.accum: torch.Tensor | None = None  # sum_k w_k * gradient at the scaled positions
+        self.baseline: float | None = None  # F(0)
+
+    def add(self, weights: torch.Tensor, grads: torch.Tensor) -> None:
+        contribution = torch.einsum("r,rp...->p...", weights, grads)
+        self.accum = contribution if self.accum is None else self.accum + contribution
+
+    def scores(self) -> torch.Tensor:
+        """``[I]`` float32: a * (sum_k w_k dF/ds), summed over the scaled positions."""
+        site_grad = self.accum @ self.weight if hasattr(self, "weight") else self.accum  # [P, I]
+        return (self.site * site_grad).sum(dim=0)
+
+
+def _run_chunk(
     arch: ModelArch,
     example: ScoredExample,
     clean: _CleanPass,
-    layer: int,
-    alphas: list[float],
-    weights: list[float],
+    terms: dict[int, _LayerTerms],
+    rows: list[_Row],
     objective: str,
-    batch_size: int,
-) -> tuple[torch.Tensor, float]:
-    """IG scores ``[I]`` (float32) of one layer and ``F(0)`` for one example."""
+) -> None:
+    """Forward and backward of one chunk of IG rows; adds their gradients to ``terms``."""
     p0, n = example.first_position, example.length - example.first_position
     local = example.positions - p0  # scaled positions within the recomputed window
-    answer_local = example.answer_positions - p0
-    site = clean.site[layer].float()  # [P, I]
-    base_hidden = clean.entry_hidden[layer]  # [n, D]
-    dtype = base_hidden.dtype
+    device = local.device
     additive = arch.spec.additive_mlp
-    if additive:
-        weight = linear_weight(arch.mlp_out[layer]).to(site.device)  # [D, I]
-        site_out = site @ weight.t()  # [P, D]: W a
-        entry = layer + 1
-    else:
-        entry = layer
-    row_alphas = list(alphas) + [0.0]  # last row: the zero baseline, for F(0)
-    row_weights = list(weights) + [0.0]
-    accum = None  # sum_k w_k * gradient at the scaled positions: [P, D] (additive) or [P, I]
-    baseline_value = None
-    for start in range(0, len(row_alphas), batch_size):
-        chunk_alphas = row_alphas[start : start + batch_size]
-        layout = RowLayout.for_prefix(len(chunk_alphas), n, p0)
-        # filler slots repeat the clean point (alpha = 1) and are dropped after the forward
-        slot_alphas = torch.tensor(chunk_alphas + [1.0] * (layout.slots - layout.rows), device=site.device)
-        with torch.enable_grad():
-            if additive:
-                hidden = base_hidden.float().expand(layout.slots, -1, -1).clone()
-                hidden[:, local] += (slot_alphas - 1.0).view(-1, 1, 1) * site_out
-                leaf = hidden.to(dtype).requires_grad_(True)
-                final = run_tail(arch, entry, leaf, layout, p0, clean.prefix_kv)
-            else:
-                leaf = (slot_alphas.view(-1, 1, 1) * site).to(dtype).requires_grad_(True)  # [slots, P, I]
-                hidden = base_hidden.expand(layout.slots, -1, -1)
-                with _site_replaced(arch.mlp_out[layer], leaf, layout, local):
-                    final = run_tail(arch, entry, hidden, layout, p0, clean.prefix_kv)
-            values = objective_from_logits(arch.logits(final[:, answer_local]), example.answer, objective)
-            (grad,) = torch.autograd.grad(values.sum(), leaf)
-        grad = grad[: layout.rows].float()
+    layout = RowLayout.for_prefix(len(rows), n, p0)
+    by_layer: dict[int, list[int]] = {}
+    for index, row in enumerate(rows):
+        by_layer.setdefault(row.layer, []).append(index)
+    alphas = torch.tensor([row.alpha for row in rows], device=device)
+
+    with torch.enable_grad(), ExitStack() as stack:
+        entries = {}
         if additive:
-            grad = grad[:, local]
-        chunk_weights = torch.tensor(row_weights[start : start + batch_size], device=site.device)
-        contribution = torch.einsum("r,rpd->pd", chunk_weights, grad)
-        accum = contribution if accum is None else accum + contribution
-        if start + batch_size >= len(row_alphas):
-            baseline_value = float(values[-1].detach())
-    site_grad = accum @ weight if additive else accum  # [P, I]
-    return (site * site_grad).sum(dim=0), baseline_value
+            # layer l's output with its site at alpha * a: the clean output plus (alpha - 1) * W a
+            hidden = torch.stack([terms[row.layer].entry_hidden.float() for row in rows])  # [c, n, D]
+            shift = torch.stack([terms[row.layer].site_out for row in rows])  # [c, P, D]
+            hidden[:, local] += (alphas - 1.0).view(-1, 1, 1) * shift
+            leaf = hidden.to(clean.dtype).requires_grad_(True)
+            for layer, indices in by_layer.items():
+                slots = torch.tensor(indices, device=device)
+                entries[terms[layer].entry] = (slots, leaf[slots])
+        else:
+            sites = torch.stack([terms[row.layer].site for row in rows])  # [c, P, I]
+            leaf = (alphas.view(-1, 1, 1) * sites).to(clean.dtype).requires_grad_(True)
+            for layer, indices in by_layer.items():
+                slots = torch.tensor(indices, device=device)
+                hidden = terms[layer].entry_hidden.expand(len(indices), -1, -1)
+                entries[terms[layer].entry] = (slots, hidden)
+                stack.enter_context(_site_replaced(arch.mlp_out[layer], leaf[slots], slots, layout, local))
+        final = run_tail(arch, layout, p0, clean.prefix_kv, entries)
+        answer_local = example.answer_positions - p0
+        values = objective_from_logits(arch.logits(final[:, answer_local]), example.answer, objective)
+        (grad,) = torch.autograd.grad(values.sum(), leaf)
+    grad = grad.float()
+    if additive:
+        grad = grad[:, local]
+    for layer, indices in by_layer.items():
+        index = torch.tensor(indices, device=device)
+        terms[layer].add(torch.tensor([rows[i].weight for i in indices], device=device), grad[index])
+        for i in indices:
+            if rows[i].baseline:
+                terms[layer].baseline = float(values[i].detach())
 
 
 @contextmanager
-def _site_replaced(module: nn.Module, value: torch.Tensor, layout: RowLayout, local: torch.Tensor) -> Iterator[None]:
-    """Within the block, ``module``'s input (the site, packed ``[batch, g*n, I]``) at ``local`` is ``value``."""
+def _site_replaced(
+    module: nn.Module, value: torch.Tensor, slots: torch.Tensor, layout: RowLayout, local: torch.Tensor
+) -> Iterator[None]:
+    """Within the block, ``module``'s input (the site, packed ``[batch, g*n, I]``) of the rows in
+    ``slots`` is ``value [k, P, I]`` at the positions ``local``."""
 
     def hook(mod: nn.Module, args: tuple) -> tuple:
-        site = args[0]
-        per_row = site.reshape(layout.slots, layout.n, site.shape[-1])
-        replaced = per_row.index_copy(1, local, value.to(site.dtype))
-        return (replaced.reshape(site.shape), *args[1:])
+        per_row = layout.unpack_all(args[0])
+        chosen = per_row.index_select(0, slots).index_copy(1, local, value.to(per_row.dtype))
+        return (layout.pack(per_row.index_copy(0, slots, chosen)), *args[1:])
 
     handle = module.register_forward_pre_hook(hook)
     try:
         yield
     finally:
         handle.remove()
+
+
+def _example_scores(
+    arch: ModelArch,
+    example: ScoredExample,
+    layers: list[int],
+    alphas: list[float],
+    weights: list[float],
+    objective: str,
+    batch_size: int | None,
+    bar: tqdm,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([len(layers), I] scores, [len(layers)] delta)`` of one example."""
+    clean = _CleanPass(arch, example, layers, objective)
+    terms = {layer: _LayerTerms(arch, clean, layer) for layer in layers}
+    # per layer: the integration points, then the zero baseline for F(0); layers in entry order so
+    # that a chunk spans few layers (a row is computed, and discarded, below its own entry layer)
+    rows = [
+        row
+        for layer in sorted(layers, key=lambda layer: terms[layer].entry)
+        for row in [
+            *(_Row(layer, alpha, weight) for alpha, weight in zip(alphas, weights, strict=True)),
+            _Row(layer, 0.0, 0.0, baseline=True),
+        ]
+    ]
+    n = example.length - example.first_position
+    chunk = batch_size or _default_batch_size(arch, n, len(rows), clean.dtype.itemsize)
+    done = set()
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        _run_chunk(arch, example, clean, terms, part, objective)
+        finished = {row.layer for row in part} - {row.layer for row in rows[start + chunk :]}
+        bar.update(len(finished - done))
+        done |= finished
+    scores = torch.stack([terms[layer].scores() for layer in layers])
+    delta = torch.tensor([float(scores[j].sum()) - (clean.objective - terms[layer].baseline)
+                          for j, layer in enumerate(layers)])
+    return scores, delta
 
 
 def attribute(
@@ -256,7 +333,7 @@ def attribute(
             ``gausslegendre`` (Captum's points and weights).
         layers: layer indices (negative count from the top); None = all layers.
         batch_size: the most IG rows (each of ``n`` recomputed tokens) in any internal forward;
-            default: as many as fit a 2 GiB activation budget, at most ``steps + 1``.
+            default: as many as fit a 2 GiB activation budget, at most ``len(layers) * (steps + 1)``.
         progress: show a tqdm bar over examples x layers.
         spec: where the layers and MLP output projections are, for a family fastrit does not know.
 
@@ -281,17 +358,9 @@ def attribute(
     try:
         with model_session(model):
             for b, example in enumerate(examples):
-                clean = _CleanPass(arch, example, layer_list, objective)
-                n = example.length - example.first_position
-                elem_bytes = clean.entry_hidden[layer_list[0]].element_size()
-                rows = batch_size or _default_batch_size(arch, n, steps + 1, elem_bytes)
-                for j, layer in enumerate(layer_list):
-                    layer_scores, baseline = _layer_scores(
-                        arch, example, clean, layer, alphas, weights, objective, rows
-                    )
-                    scores[b, j] = layer_scores.cpu()
-                    delta[b, j] = layer_scores.sum().item() - (clean.objective - baseline)
-                    bar.update(1)
+                scores[b], delta[b] = _example_scores(
+                    arch, example, layer_list, alphas, weights, objective, batch_size, bar
+                )
     finally:
         bar.close()
     settings = {

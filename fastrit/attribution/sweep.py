@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from ..arch import ModelArch
 
-__all__ = ["RowLayout", "run_tail", "replacing_input", "layers_bypassed"]
+__all__ = ["RowLayout", "run_tail", "layers_bypassed"]
 
 
 class _PassThrough(nn.Module):
@@ -35,11 +35,14 @@ class _PassThrough(nn.Module):
         return hidden_states
 
 
-def _replace_first_input(value: torch.Tensor) -> Callable:
+def _replace_rows_of_input(layout: RowLayout, slots: torch.Tensor, hidden: torch.Tensor) -> Callable:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        packed = args[0] if args else kwargs["hidden_states"]
+        per_row = layout.unpack_all(packed).index_copy(0, slots, hidden.to(packed.dtype))
+        replaced = layout.pack(per_row)
         if args:
-            return (value, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": value}
+            return (replaced, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": replaced}
 
     return hook
 
@@ -55,16 +58,6 @@ def layers_bypassed(arch: ModelArch, below: int) -> Iterator[None]:
     finally:
         for i, module in enumerate(originals):
             arch.layers[i] = module
-
-
-@contextmanager
-def replacing_input(module: nn.Module, value: torch.Tensor) -> Iterator[None]:
-    """Within the block, ``module`` receives ``value`` as its first input (its hidden states)."""
-    handle = module.register_forward_pre_hook(_replace_first_input(value), with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 @dataclass(frozen=True)
@@ -101,9 +94,13 @@ class RowLayout:
         """``[slots, n, ...] -> [batch, group * n, ...]``."""
         return per_row.reshape(self.batch, self.tokens, *per_row.shape[2:])
 
+    def unpack_all(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[batch, group * n, ...] -> [slots, n, ...]``."""
+        return packed.reshape(self.slots, self.n, *packed.shape[2:])
+
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """``[batch, group * n, ...] -> [rows, n, ...]`` (filler slots dropped)."""
-        return packed.reshape(self.slots, self.n, *packed.shape[2:])[: self.rows]
+        return self.unpack_all(packed)[: self.rows]
 
     def attention_mask(self, prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Additive float mask ``[batch, 1, group*n, prefix + group*n]``: the prefix and its own earlier tokens."""
@@ -132,33 +129,39 @@ def _prefix_cache(prefix_kv: list[tuple[torch.Tensor, torch.Tensor]], entry: int
 
 def run_tail(
     arch: ModelArch,
-    entry: int,
-    hidden: torch.Tensor,
     layout: RowLayout,
     first: int,
     prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] | None,
+    entries: dict[int, tuple[torch.Tensor, torch.Tensor]],
 ) -> torch.Tensor:
-    """Final-normed hidden states of layers ``entry ..`` run on ``hidden``.
+    """Final-normed hidden states of rows that enter the model at different layers.
 
     Args:
         arch: the model's modules.
-        entry: the first layer to run (``arch.num_layers`` runs only the final norm).
-        hidden: ``[layout.slots, n, D]`` input of layer ``entry`` for each row, positions ``first ..``.
         layout: how the rows are packed.
         first: position of the rows' first token.
         prefix_kv: per layer, keys and values ``[1, heads, first, head_dim]`` of positions ``< first``
             from the clean forward; None when ``first == 0``.
+        entries: ``layer -> (slots [k], hidden [k, n, D])``: the rows in ``slots`` take ``hidden`` as the
+            input of ``layer`` (``arch.num_layers`` = the input of the final norm). Layers below the
+            lowest entry are not run; a row's values before its own entry layer are discarded.
 
     Returns:
         ``[layout.rows, n, D]`` final-normed hidden states.
     """
-    packed = layout.pack(hidden)
-    device, dtype = packed.device, packed.dtype
-    target = arch.layers[entry] if entry < arch.num_layers else arch.final_norm
+    entry = min(entries)
+    some_hidden = next(iter(entries.values()))[1]
+    width = some_hidden.shape[-1]
+    device, dtype = some_hidden.device, some_hidden.dtype
     cache = _prefix_cache(prefix_kv, entry, layout.batch) if prefix_kv is not None and first > 0 else None
-    with layers_bypassed(arch, min(entry, arch.num_layers)), replacing_input(target, packed):
+    with ExitStack() as stack:
+        stack.enter_context(layers_bypassed(arch, min(entry, arch.num_layers)))
+        for layer, (slots, hidden) in entries.items():
+            target = arch.layers[layer] if layer < arch.num_layers else arch.final_norm
+            hook = _replace_rows_of_input(layout, slots, hidden)
+            stack.callback(target.register_forward_pre_hook(hook, with_kwargs=True).remove)
         out = arch.base(
-            inputs_embeds=torch.zeros_like(packed, requires_grad=False),
+            inputs_embeds=torch.zeros(layout.batch, layout.tokens, width, device=device, dtype=dtype),
             attention_mask=layout.attention_mask(first, dtype, device),
             position_ids=layout.position_ids(first, device),
             past_key_values=cache,

@@ -51,10 +51,12 @@ def test_other_integration_rules(tiny_model, method):
     compare(tiny_model("llama"), "right", positions="answer", method=method, steps=6)
 
 
+@pytest.mark.parametrize("family", ["gpt_neox", "gemma2"])
 @pytest.mark.parametrize("batch_size", [1, 2, 7])
 @pytest.mark.parametrize("positions", ["last", "all"])
-def test_batch_size_does_not_change_results(tiny_model, batch_size, positions):
-    model = tiny_model("gpt_neox")
+def test_batch_size_does_not_change_results(tiny_model, family, batch_size, positions):
+    """Chunks of any size, spanning several layers or splitting one, give the same numbers."""
+    model = tiny_model(family)
     input_ids, attention_mask, target_ids = prompt_batch("left")
     kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions=positions, steps=6)
     default = fastrit.attribute(model, input_ids, **kwargs)
