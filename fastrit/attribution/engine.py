@@ -41,6 +41,10 @@ __all__ = ["attribute", "resolve_layers", "model_session", "check_sequence_fits"
 _ACT_ELEMS_PER_D = 12
 _ACT_ELEMS_PER_I = 4
 _DEFAULT_ACTIVATION_BUDGET = 2 * 1024**3  # bytes
+# Rows of several layers share a chunk only while one layer's rows recompute fewer tokens than this:
+# sharing saves per-forward overhead, but a row is computed (and discarded) below its own entry layer,
+# which is waste once the rows are long enough for arithmetic to dominate.
+_MIX_LAYERS_BELOW_TOKENS = 512
 
 
 def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
@@ -191,6 +195,21 @@ class _LayerTerms:
         return (self.site * site_grad).sum(dim=0)
 
 
+def _chunks(rows: list[_Row], size: int, mix_layers: bool) -> Iterator[list[_Row]]:
+    """Consecutive runs of at most ``size`` rows; with ``mix_layers=False`` a run never spans two layers."""
+    if mix_layers:
+        for start in range(0, len(rows), size):
+            yield rows[start : start + size]
+        return
+    start = 0
+    while start < len(rows):
+        stop = start
+        while stop < len(rows) and stop - start < size and rows[stop].layer == rows[start].layer:
+            stop += 1
+        yield rows[start:stop]
+        start = stop
+
+
 def _run_chunk(
     arch: ModelArch,
     example: ScoredExample,
@@ -288,13 +307,10 @@ def _example_scores(
     ]
     n = example.length - example.first_position
     chunk = batch_size or _default_batch_size(arch, n, len(rows), clean.dtype.itemsize)
-    done = set()
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
+    rows_per_layer = len(alphas) + 1
+    for part in _chunks(rows, chunk, mix_layers=rows_per_layer * n < _MIX_LAYERS_BELOW_TOKENS):
         _run_chunk(arch, example, clean, terms, part, objective)
-        finished = {row.layer for row in part} - {row.layer for row in rows[start + chunk :]}
-        bar.update(len(finished - done))
-        done |= finished
+        bar.update(sum(1 for row in part if row.baseline))  # a layer is done with its baseline row (its last)
     scores = torch.stack([terms[layer].scores() for layer in layers])
     delta = torch.tensor([float(scores[j].sum()) - (clean.objective - terms[layer].baseline)
                           for j, layer in enumerate(layers)])
