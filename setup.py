@@ -11,8 +11,7 @@ setup(
     version="0.1.0",
     description="Neuron-level Integrated Gradients and neuron-guided tuning for RAG language models, fast on one GPU",
     python_requires=">=3.10",
-    packages=["fastrit", "fastrit.attribution", "fastrit.kernels"],
-    package_dir={"fastrit": "fastrit", "fastrit.kernels": "kernels"},
+    packages=["fastrit", "fastrit.attribution"],
     install_requires=[
         "torch>=2.6,<=2.14.1",
         "transformers>=5.0,<6",
@@ -25,6 +24,7 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "captum>=0.7",
+            "bitsandbytes>=0.45",
             "matplotlib>=3.7",
             "ruff>=0.5",
         ],

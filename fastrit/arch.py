@@ -168,7 +168,19 @@ def resolve_arch(model: nn.Module, spec: ArchSpec | None = None) -> ModelArch:
     final_norm = _get_path(base, spec.final_norm)
     if final_norm is None:
         raise _unsupported(model, f"no final norm at base_model.{spec.final_norm}")
+    _check_differentiable(model)
     return ModelArch(model, base, layers, mlp_out, final_norm, lm_head, spec)
+
+
+def _check_differentiable(model: nn.Module) -> None:
+    """Refuse models whose layers give no input gradients (so attribution would be silently wrong)."""
+    for name, module in model.named_modules():
+        if _is_bnb_4bit(module) and module.weight.device.type == "cpu":
+            raise ValueError(
+                f"model: {name} is a bitsandbytes 4-bit layer on the CPU; bitsandbytes' CPU 4-bit kernel is "
+                "inference-only (no input gradients), so IG through it would be wrong. Load the model in 4-bit "
+                "on a CUDA device, or unquantized on the CPU."
+            )
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -8,7 +8,7 @@ import fastrit
 from fastrit.arch import linear_weight
 from tests.tiny_models import prompt_batch
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -16,7 +16,7 @@ def test_every_family_is_detected(tiny_model, family):
     model = tiny_model(family)
     arch = fastrit.resolve_arch(model)
     assert arch.num_layers == 3 and arch.intermediate_size == 48
-    assert arch.spec.additive_mlp == (family not in ("gemma2",))
+    assert arch.spec.additive_mlp == (family not in ("gemma2", "gemma3_text"))
     # the site really is the input of the output projection: it maps I -> hidden
     weight = linear_weight(arch.mlp_out[0])
     assert weight.shape == (32, 48) and weight.dtype == torch.float32
@@ -74,3 +74,22 @@ def test_import_is_lean():
     code = "import fastrit, sys, torch; assert not torch.cuda.is_initialized(); print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_cpu_4bit_model_is_refused(tmp_path):
+    """bitsandbytes' CPU 4-bit kernel has no input gradients: attribution must refuse, not return wrong scores."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+    )
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    quantized = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, device_map="cpu",
+        quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+    )
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    for attribute in (fastrit.attribute, fastrit.attribute_reference):
+        with pytest.raises(ValueError, match="model: .*4-bit .*CPU"):
+            attribute(quantized, input_ids, attention_mask=attention_mask, target_ids=target_ids)

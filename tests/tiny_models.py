@@ -27,6 +27,11 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
             **_COMMON, **_GATED, head_dim=8, sliding_window=32, final_logit_softcapping=5.0,
             attn_implementation="eager",
         )
+    if family == "gemma3_text":
+        return transformers.Gemma3TextConfig(
+            **_COMMON, **_GATED, head_dim=8, sliding_window=32, final_logit_softcapping=5.0,
+            attn_implementation="eager",
+        )
     if family == "phi3":
         return transformers.Phi3Config(**_COMMON, **_GATED, pad_token_id=0)
     if family == "gpt2":

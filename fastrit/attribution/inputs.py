@@ -15,7 +15,15 @@ from .integration import integration_points
 OBJECTIVES = ("logprob", "prob")
 POSITIONS = ("last", "answer", "all")
 
-__all__ = ["OBJECTIVES", "POSITIONS", "ScoredExample", "check_settings", "scored_examples", "objective_from_logits"]
+__all__ = [
+    "OBJECTIVES",
+    "POSITIONS",
+    "ScoredExample",
+    "check_optional_count",
+    "check_settings",
+    "objective_from_logits",
+    "scored_examples",
+]
 
 
 @dataclass(frozen=True)
@@ -56,11 +64,17 @@ def check_settings(objective: str, positions: str, method: str, steps: int, batc
     if positions not in POSITIONS:
         raise ValueError(f"positions: expected one of {', '.join(POSITIONS)}, got {positions!r}")
     integration_points(method, steps)  # raises for an unknown method or too few steps
-    if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int):
-            raise TypeError(f"batch_size: expected an int or None, got {type(batch_size).__name__}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    check_optional_count("batch_size", batch_size)
+
+
+def check_optional_count(name: str, value: int | None) -> None:
+    """``value`` must be None or an int >= 1; raise ValueError/TypeError naming ``name``."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name}: expected >= 1, got {value}")
 
 
 def _check_int_matrix(name: str, value: object) -> torch.Tensor:

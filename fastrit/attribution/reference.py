@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ArchSpec, resolve_arch
 from .engine import model_session, resolve_layers
-from .inputs import ScoredExample, check_settings, objective_from_logits, scored_examples
+from .inputs import ScoredExample, check_optional_count, check_settings, objective_from_logits, scored_examples
 from .integration import integration_points
 from .result import NeuronAttribution
 
@@ -79,7 +79,8 @@ def attribute_reference(
     the knowledge-neurons package batches them the same way.
     """
     arch = resolve_arch(model, spec)
-    check_settings(objective, positions, method, steps, steps_per_batch)
+    check_settings(objective, positions, method, steps, None)
+    check_optional_count("steps_per_batch", steps_per_batch)
     layer_list = resolve_layers(layers, arch.num_layers)
     device = arch.base.get_input_embeddings().weight.device
     if isinstance(input_ids, torch.Tensor):

@@ -8,7 +8,7 @@ from fastrit.attribution import engine
 from tests.tiny_models import prompt_batch
 
 CORE_FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox"]
-OTHER_FAMILIES = ["qwen3", "gemma", "gemma2", "phi3"]
+OTHER_FAMILIES = ["qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
 TOL = 1e-4
 
 

@@ -76,7 +76,7 @@ def test_bad_input_names_the_argument(llama, attribute, argument, error, overrid
     kwargs = {**good_inputs(), **override}
     if attribute is fastrit.attribute_reference and "batch_size" in kwargs:
         kwargs["steps_per_batch"] = kwargs.pop("batch_size")
-        argument = "batch_size"  # the reference validates its step batch with the same check
+        argument = "steps_per_batch"
     before = model_state(llama)
     input_ids = kwargs.pop("input_ids")
     with pytest.raises(error, match=re.escape(argument.split("/")[0])):
