@@ -173,13 +173,20 @@ def resolve_arch(model: nn.Module, spec: ArchSpec | None = None) -> ModelArch:
 
 
 def _check_differentiable(model: nn.Module) -> None:
-    """Refuse models whose layers give no input gradients (so attribution would be silently wrong)."""
+    """Refuse models whose layers give no input gradients (attribution through them would be silently wrong).
+
+    bitsandbytes runs 4-bit layers on CPUs with AVX512-BF16 through an inference-only kernel: it
+    repacks the weight on the first no-grad forward in eval mode and never differentiates it again.
+    """
     for name, module in model.named_modules():
-        if _is_bnb_4bit(module) and module.weight.device.type == "cpu":
+        if not _is_bnb_4bit(module) or module.weight.device.type != "cpu":
+            continue
+        packed = getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+        if packed or getattr(module, "support_avx512bf16_for_cpu", False):
             raise ValueError(
-                f"model: {name} is a bitsandbytes 4-bit layer on the CPU; bitsandbytes' CPU 4-bit kernel is "
-                "inference-only (no input gradients), so IG through it would be wrong. Load the model in 4-bit "
-                "on a CUDA device, or unquantized on the CPU."
+                f"model: {name} is a bitsandbytes 4-bit layer on a CPU where bitsandbytes uses its "
+                "inference-only kernel (no input gradients), so IG through it would be wrong. Load the model "
+                "in 4-bit on a CUDA device, or unquantized on the CPU."
             )
 
 

@@ -76,20 +76,54 @@ def test_import_is_lean():
     assert out.stdout.strip() == "False"
 
 
-def test_cpu_4bit_model_is_refused(tmp_path):
-    """bitsandbytes' CPU 4-bit kernel has no input gradients: attribution must refuse, not return wrong scores."""
-    pytest.importorskip("bitsandbytes")
+def quantized_llama(path):
+    """A 4-bit (NF4) tiny Llama on the CPU, and an fp32 twin whose linear layers hold its dequantized weights."""
+    import bitsandbytes.functional as bnbf
+
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+        num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.1, bos_token_id=1, eos_token_id=2,
     )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(path)
     quantized = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, device_map="cpu",
+        path, device_map="cpu",
         quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
     )
+    twin = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    for name, module in quantized.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            twin.get_submodule(name).weight.data.copy_(weight)
+    return quantized, twin
+
+
+def test_4bit_model_equals_reference_on_its_dequantized_twin(tmp_path, monkeypatch):
+    """The 4-bit path (dequantized W for the additive shortcut, gradients through 4-bit layers) is exact.
+
+    Runs where bitsandbytes takes its differentiable 4-bit path on the CPU, as on CPUs without AVX512-BF16.
+    """
+    pytest.importorskip("bitsandbytes")
+    quantized, twin = quantized_llama(tmp_path)
+    for module in quantized.modules():
+        if type(module).__name__ == "Linear4bit":
+            monkeypatch.setattr(module, "support_avx512bf16_for_cpu", False)
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    for positions in ("last", "all"):
+        kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions=positions, steps=4)
+        got = fastrit.attribute(quantized, input_ids, **kwargs)
+        want = fastrit.attribute_reference(twin, input_ids, **kwargs)
+        assert float((got.scores - want.scores).abs().max() / want.scores.abs().max()) < 1e-4
+
+
+def test_cpu_4bit_inference_kernel_is_refused(tmp_path, monkeypatch):
+    """Where bitsandbytes would use its inference-only CPU kernel, attribution refuses instead of being wrong."""
+    pytest.importorskip("bitsandbytes")
+    quantized, _ = quantized_llama(tmp_path)
+    for module in quantized.modules():
+        if type(module).__name__ == "Linear4bit":
+            monkeypatch.setattr(module, "support_avx512bf16_for_cpu", True)
     input_ids, attention_mask, target_ids = prompt_batch("left")
     for attribute in (fastrit.attribute, fastrit.attribute_reference):
-        with pytest.raises(ValueError, match="model: .*4-bit .*CPU"):
+        with pytest.raises(ValueError, match="model: .*4-bit .*inference-only"):
             attribute(quantized, input_ids, attention_mask=attention_mask, target_ids=target_ids)

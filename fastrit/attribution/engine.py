@@ -80,14 +80,29 @@ def check_sequence_fits(model: nn.Module, length: int) -> None:
         )
 
 
+# attention implementations that apply an arbitrary additive 4D mask, as the sweep needs
+_MASKABLE_ATTENTION = ("eager", "sdpa")
+
+
 @contextmanager
 def model_session(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration of the block; the model's training flag is restored afterwards."""
+    """Eval mode, and an attention implementation that takes 4D masks, for the duration of the block.
+
+    The model's training flag and attention implementation are restored afterwards, also on error.
+    Kernels such as flash-attention ignore custom 4D masks; such models run eager attention here.
+    """
     was_training = model.training
+    config = model.config
+    attention = getattr(config, "_attn_implementation", None)
+    switch = isinstance(attention, str) and attention not in _MASKABLE_ATTENTION
     model.eval()
     try:
+        if switch:
+            config._attn_implementation = "eager"
         yield
     finally:
+        if switch:
+            config._attn_implementation = attention
         model.train(was_training)
 
 

@@ -93,3 +93,16 @@ def test_progress_bar(tiny_model, capsys):
     input_ids, attention_mask, target_ids = prompt_batch("left")
     fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids, steps=2, progress=True)
     assert "fastrit.attribute" in capsys.readouterr().err
+
+
+def test_attention_without_4d_masks_runs_eager_and_is_restored(tiny_model_dir):
+    """A model loaded with flex attention (no custom additive 4D masks) still gets exact scores."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), attn_implementation="flex_attention").eval()
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions="answer", steps=4)
+    ref = fastrit.attribute_reference(model, input_ids, **kwargs)
+    fast = fastrit.attribute(model, input_ids, **kwargs)
+    assert relative_error(fast.scores, ref.scores) < TOL
+    assert model.config._attn_implementation == "flex_attention"
