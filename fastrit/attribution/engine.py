@@ -28,13 +28,18 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec, ModelArch, linear_weight, resolve_arch
-from .inputs import ScoredExample, check_settings, objective_from_logits, scored_examples
-from .integration import integration_points
+from ..arch import ArchSpec, ModelArch, linear_weight
+from .inputs import (
+    ScoredExample,
+    check_optional_count,
+    check_sequence_fits,
+    objective_from_logits,
+    prepare_call,
+)
 from .result import NeuronAttribution
 from .sweep import RowLayout, run_tail
 
-__all__ = ["attribute", "resolve_layers", "model_session", "check_sequence_fits"]
+__all__ = ["attribute", "model_session"]
 
 # Saved activations per token and layer for the backward, in elements: a rough upper bound used to
 # size the default batch (attention ~6 D, MLP ~4 I, norms and residuals ~6 D).
@@ -45,41 +50,6 @@ _DEFAULT_ACTIVATION_BUDGET = 2 * 1024**3  # bytes
 # sharing saves per-forward overhead, but a row is computed (and discarded) below its own entry layer,
 # which is waste once the rows are long enough for arithmetic to dominate.
 _MIX_LAYERS_BELOW_TOKENS = 512
-
-
-def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
-    """Normalise ``layers`` (None = all; negative indices count from the top) to a list of ints."""
-    if layers is None:
-        return list(range(num_layers))
-    if isinstance(layers, (int, torch.Tensor)) or not isinstance(layers, Sequence) and not isinstance(layers, range):
-        raise TypeError(f"layers: expected a list of layer indices or None, got {type(layers).__name__}")
-    out = []
-    for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise TypeError(f"layers: expected int layer indices, got {type(layer).__name__}")
-        if not -num_layers <= layer < num_layers:
-            raise ValueError(f"layers: index {layer} is out of range for a model with {num_layers} layers")
-        out.append(layer % num_layers)
-    if not out:
-        raise ValueError("layers: expected at least one layer index, got an empty list")
-    if len(set(out)) != len(out):
-        raise ValueError(f"layers: duplicate layer indices in {list(layers)}")
-    return out
-
-
-def check_sequence_fits(model: nn.Module, length: int) -> None:
-    """Raise if a scored sequence of ``length`` tokens is beyond what the 4D-mask sweep reproduces exactly."""
-    config = model.config
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = isinstance(window, int) and ("sliding_attention" in layer_types or not layer_types)
-    if sliding and getattr(config, "use_sliding_window", True) and length >= window:
-        raise ValueError(
-            f"input_ids/target_ids: a scored sequence of {length} tokens reaches the model's sliding attention "
-            f"window ({window}); attribution over sliding-window attention is not supported yet"
-        )
-
-
 # attention implementations that apply an arbitrary additive 4D mask, as the sweep needs
 _MASKABLE_ATTENTION = ("eager", "sdpa")
 
@@ -191,6 +161,7 @@ class _LayerTerms:
     def __init__(self, arch: ModelArch, clean: _CleanPass, layer: int) -> None:
         self.site = clean.site[layer].float()  # [P, I]
         self.entry_hidden = clean.entry_hidden[layer]  # [n, D]
+        self.weight: torch.Tensor | None = None  # [D, I], additive-MLP families only
         if arch.spec.additive_mlp:
             self.weight = linear_weight(arch.mlp_out[layer]).to(self.site.device)  # [D, I]
             self.site_out = self.site @ self.weight.t()  # [P, D]: W a
@@ -206,7 +177,7 @@ class _LayerTerms:
 
     def scores(self) -> torch.Tensor:
         """``[I]`` float32: a * (sum_k w_k dF/ds), summed over the scaled positions."""
-        site_grad = self.accum @ self.weight if hasattr(self, "weight") else self.accum  # [P, I]
+        site_grad = self.accum if self.weight is None else self.accum @ self.weight  # [P, I]
         return (self.site * site_grad).sum(dim=0)
 
 
@@ -351,7 +322,8 @@ def attribute(
 
     Args:
         model: a transformers causal LM (fp32, bf16, fp16, or 4-bit bitsandbytes). Never modified:
-            nothing stays hooked and its training flag is restored, also when an error is raised.
+            nothing stays hooked, and its training flag and attention implementation (switched to
+            eager while attributing if it cannot take 4D masks) are restored, also on error.
         input_ids: ``[B, T]`` prompts, padded on the left or the right.
         attention_mask: ``[B, T]``, 1 for real tokens; None = all real.
         target_ids: ``[B, K]`` answer tokens, padded with -100.
@@ -372,34 +344,20 @@ def attribute(
         :class:`NeuronAttribution` with ``scores [B, len(layers), I]`` and ``delta [B, len(layers)]``
         (float32, on the CPU).
     """
-    arch = resolve_arch(model, spec)
-    check_settings(objective, positions, method, steps, batch_size)
-    layer_list = resolve_layers(layers, arch.num_layers)
-    device = arch.base.get_input_embeddings().weight.device
-    if isinstance(input_ids, torch.Tensor):
-        input_ids = input_ids.to(device)
-    examples = scored_examples(input_ids, attention_mask, target_ids, positions, arch.max_positions)
-    for example in examples:
+    call = prepare_call(model, input_ids, attention_mask, target_ids, objective, positions, steps, method, layers, spec)
+    check_optional_count("batch_size", batch_size)
+    for example in call.examples:
         check_sequence_fits(model, example.length)
-    alphas, weights = integration_points(method, steps)
 
-    scores = torch.zeros(len(examples), len(layer_list), arch.intermediate_size)
-    delta = torch.zeros(len(examples), len(layer_list))
-    bar = tqdm(total=len(examples) * len(layer_list), desc="fastrit.attribute", disable=not progress)
+    scores = torch.zeros(len(call.examples), len(call.layers), call.arch.intermediate_size)
+    delta = torch.zeros(len(call.examples), len(call.layers))
+    bar = tqdm(total=len(call.examples) * len(call.layers), desc="fastrit.attribute", disable=not progress)
     try:
         with model_session(model):
-            for b, example in enumerate(examples):
+            for b, example in enumerate(call.examples):
                 scores[b], delta[b] = _example_scores(
-                    arch, example, layer_list, alphas, weights, objective, batch_size, bar
+                    call.arch, example, call.layers, call.alphas, call.weights, objective, batch_size, bar
                 )
     finally:
         bar.close()
-    settings = {
-        "objective": objective,
-        "positions": positions,
-        "steps": steps,
-        "method": method,
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        "model_type": getattr(model.config, "model_type", ""),
-    }
-    return NeuronAttribution(scores=scores, delta=delta, layers=layer_list, settings=settings)
+    return NeuronAttribution(scores=scores, delta=delta, layers=call.layers, settings=call.settings)

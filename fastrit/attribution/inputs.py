@@ -6,10 +6,13 @@ The *scored sequence* of an example is its real prompt tokens followed by ``answ
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from ..arch import ArchSpec, ModelArch, resolve_arch
 from .integration import integration_points
 
 OBJECTIVES = ("logprob", "prob")
@@ -18,7 +21,11 @@ POSITIONS = ("last", "answer", "all")
 __all__ = [
     "OBJECTIVES",
     "POSITIONS",
+    "AttributionCall",
     "ScoredExample",
+    "check_sequence_fits",
+    "prepare_call",
+    "resolve_layers",
     "check_optional_count",
     "check_settings",
     "objective_from_logits",
@@ -75,6 +82,39 @@ def check_optional_count(name: str, value: int | None) -> None:
         raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name}: expected >= 1, got {value}")
+
+
+def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
+    """Normalise ``layers`` (None = all; negative indices count from the top) to a list of ints."""
+    if layers is None:
+        return list(range(num_layers))
+    if isinstance(layers, (int, torch.Tensor)) or not isinstance(layers, Sequence) and not isinstance(layers, range):
+        raise TypeError(f"layers: expected a list of layer indices or None, got {type(layers).__name__}")
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"layers: expected int layer indices, got {type(layer).__name__}")
+        if not -num_layers <= layer < num_layers:
+            raise ValueError(f"layers: index {layer} is out of range for a model with {num_layers} layers")
+        out.append(layer % num_layers)
+    if not out:
+        raise ValueError("layers: expected at least one layer index, got an empty list")
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers: duplicate layer indices in {list(layers)}")
+    return out
+
+
+def check_sequence_fits(model: nn.Module, length: int) -> None:
+    """Raise if a scored sequence of ``length`` tokens is beyond what the 4D-mask sweep reproduces exactly."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    sliding = isinstance(window, int) and ("sliding_attention" in layer_types or not layer_types)
+    if sliding and getattr(config, "use_sliding_window", True) and length >= window:
+        raise ValueError(
+            f"input_ids/target_ids: a scored sequence of {length} tokens reaches the model's sliding attention "
+            f"window ({window}); attribution over sliding-window attention is not supported yet"
+        )
 
 
 def _check_int_matrix(name: str, value: object) -> torch.Tensor:
@@ -167,3 +207,46 @@ def objective_from_logits(logits: torch.Tensor, answer: torch.Tensor, objective:
     if objective == "logprob":
         return picked.sum(dim=-1)
     return picked[:, 0].exp()
+
+
+@dataclass(frozen=True)
+class AttributionCall:
+    """A checked ``attribute`` call: the model's modules, the examples, the layers and the rule."""
+
+    arch: ModelArch
+    examples: list[ScoredExample]
+    layers: list[int]
+    alphas: list[float]
+    weights: list[float]
+    settings: dict
+
+
+def prepare_call(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    target_ids: torch.Tensor,
+    objective: str,
+    positions: str,
+    steps: int,
+    method: str,
+    layers: Sequence[int] | None,
+    spec: ArchSpec | None,
+) -> AttributionCall:
+    """Check every argument of ``attribute`` (ValueError/TypeError naming it) and unpad the batch."""
+    arch = resolve_arch(model, spec)
+    check_settings(objective, positions, method, steps, None)
+    layer_list = resolve_layers(layers, arch.num_layers)
+    if isinstance(input_ids, torch.Tensor):
+        input_ids = input_ids.to(arch.base.get_input_embeddings().weight.device)
+    examples = scored_examples(input_ids, attention_mask, target_ids, positions, arch.max_positions)
+    alphas, weights = integration_points(method, steps)
+    settings = {
+        "objective": objective,
+        "positions": positions,
+        "steps": steps,
+        "method": method,
+        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+        "model_type": getattr(model.config, "model_type", ""),
+    }
+    return AttributionCall(arch, examples, layer_list, alphas, weights, settings)

@@ -15,10 +15,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec, resolve_arch
-from .engine import model_session, resolve_layers
-from .inputs import ScoredExample, check_optional_count, check_settings, objective_from_logits, scored_examples
-from .integration import integration_points
+from ..arch import ArchSpec
+from .engine import model_session
+from .inputs import ScoredExample, check_optional_count, objective_from_logits, prepare_call
 from .result import NeuronAttribution
 
 __all__ = ["attribute_reference"]
@@ -78,15 +77,9 @@ def attribute_reference(
     ``steps_per_batch`` integration points share one forward/backward (default: all ``steps``);
     the knowledge-neurons package batches them the same way.
     """
-    arch = resolve_arch(model, spec)
-    check_settings(objective, positions, method, steps, None)
+    call = prepare_call(model, input_ids, attention_mask, target_ids, objective, positions, steps, method, layers, spec)
     check_optional_count("steps_per_batch", steps_per_batch)
-    layer_list = resolve_layers(layers, arch.num_layers)
-    device = arch.base.get_input_embeddings().weight.device
-    if isinstance(input_ids, torch.Tensor):
-        input_ids = input_ids.to(device)
-    examples = scored_examples(input_ids, attention_mask, target_ids, positions, arch.max_positions)
-    alphas, weights = integration_points(method, steps)
+    arch, examples, layer_list, alphas, weights = call.arch, call.examples, call.layers, call.alphas, call.weights
     per_batch = steps_per_batch or steps
 
     scores = torch.zeros(len(examples), len(layer_list), arch.intermediate_size)
@@ -116,13 +109,5 @@ def attribute_reference(
                     bar.update(1)
     finally:
         bar.close()
-    settings = {
-        "objective": objective,
-        "positions": positions,
-        "steps": steps,
-        "method": method,
-        "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        "model_type": getattr(model.config, "model_type", ""),
-        "reference": True,
-    }
+    settings = {**call.settings, "reference": True}
     return NeuronAttribution(scores=scores, delta=delta, layers=layer_list, settings=settings)
