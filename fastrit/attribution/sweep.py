@@ -2,9 +2,10 @@
 
 IG rows for layer ``l`` differ from the clean forward only from layer ``l`` upwards and only at
 positions ``>= p0`` (the first scaled position). :func:`run_tail` runs the model's own forward,
-with the layers below an *entry* layer replaced by pass-throughs and the entry layer's input
-replaced by the given hidden states, so that nothing below is recomputed and every family keeps
-its own attention, rotary embeddings, norms and residual structure.
+with the layers below the lowest *entry* layer replaced by pass-throughs, and at each entry layer
+the input of the rows that enter there replaced by their given hidden states (what a row carries
+below its own entry layer is discarded). Nothing below is recomputed and every family keeps its
+own attention, rotary embeddings, norms and residual structure.
 
 Rows are laid out as extra tokens: each batch row packs ``g`` IG rows of ``n`` tokens one after
 another, all at the positions ``p0 .. p0 + n - 1``, and a 4D attention mask lets each IG row see
@@ -36,6 +37,8 @@ class _PassThrough(nn.Module):
 
 
 def _replace_rows_of_input(layout: RowLayout, slots: torch.Tensor, hidden: torch.Tensor) -> Callable:
+    """A forward pre-hook giving the rows in ``slots`` the input ``hidden [k, n, D]``."""
+
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         packed = args[0] if args else kwargs["hidden_states"]
         per_row = layout.unpack_all(packed).index_copy(0, slots, hidden.to(packed.dtype))
