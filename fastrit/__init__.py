@@ -5,6 +5,7 @@
 
 from .arch import FAMILIES, ArchSpec, resolve_arch
 from .attribution import METHODS, NeuronAttribution, attribute, attribute_reference
+from .ops import backends
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,7 @@ __all__ = [
     "NeuronAttribution",
     "attribute",
     "attribute_reference",
+    "backends",
     "resolve_arch",
     "__version__",
 ]
