@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import ops
 from ..arch import ArchSpec, ModelArch, linear_weight
 from .inputs import (
     ScoredExample,
@@ -156,29 +157,43 @@ class _Row:
 
 
 class _LayerTerms:
-    """What the rows of one layer need: its entry layer, clean entry state, and the linear map ``W``."""
+    """One layer's part of an example: how its rows enter, and its running IG scores.
+
+    Additive-MLP families: rows enter layer ``l + 1`` with layer ``l``'s output at ``alpha``,
+    ``y_clean + (alpha - 1) W a`` (:func:`fastrit.ops.ig_interpolate` between ``y_clean - W a`` and
+    ``W a``), and scores come from the gradients of that output via
+    :func:`fastrit.ops.ig_accumulate_linear`. Otherwise rows enter layer ``l`` with the site at
+    ``alpha * a`` and scores come from the site gradients via :func:`fastrit.ops.ig_accumulate`.
+    """
 
     def __init__(self, arch: ModelArch, clean: _CleanPass, layer: int) -> None:
         self.site = clean.site[layer].float()  # [P, I]
         self.entry_hidden = clean.entry_hidden[layer]  # [n, D]
         self.weight: torch.Tensor | None = None  # [D, I], additive-MLP families only
         if arch.spec.additive_mlp:
-            self.weight = linear_weight(arch.mlp_out[layer]).to(self.site.device)  # [D, I]
+            self.weight = linear_weight(arch.mlp_out[layer]).to(self.site.device)
             self.site_out = self.site @ self.weight.t()  # [P, D]: W a
             self.entry = layer + 1
         else:
             self.entry = layer
-        self.accum: torch.Tensor | None = None  # sum_k w_k * gradient at the scaled positions
+        self.scores = torch.zeros(self.site.shape[1], device=self.site.device)  # [I] float32
         self.baseline: float | None = None  # F(0)
 
-    def add(self, weights: torch.Tensor, grads: torch.Tensor) -> None:
-        contribution = torch.einsum("r,rp...->p...", weights, grads)
-        self.accum = contribution if self.accum is None else self.accum + contribution
+    def scaled(self, alphas: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """The entry value of rows at ``alphas`` (float32): ``[c, n, D]`` hidden states, or ``[c, P, I]`` sites."""
+        if self.weight is None:
+            return ops.ig_interpolate(torch.zeros_like(self.site), self.site, alphas)
+        hidden = self.entry_hidden.float().expand(len(alphas), -1, -1).clone()
+        clean_at_scaled = hidden[0, local]  # [P, D]
+        hidden[:, local] = ops.ig_interpolate(clean_at_scaled - self.site_out, self.site_out, alphas)
+        return hidden
 
-    def scores(self) -> torch.Tensor:
-        """``[I]`` float32: a * (sum_k w_k dF/ds), summed over the scaled positions."""
-        site_grad = self.accum if self.weight is None else self.accum @ self.weight  # [P, I]
-        return (self.site * site_grad).sum(dim=0)
+    def add(self, weights: torch.Tensor, grads: torch.Tensor) -> None:
+        """Add rows' weighted gradients ``[c, P, D]`` (of the layer output) or ``[c, P, I]`` (of the site)."""
+        if self.weight is None:
+            self.scores += ops.ig_accumulate(self.site, grads, weights).sum(dim=0)
+        else:
+            self.scores += ops.ig_accumulate_linear(self.site, grads, self.weight, weights).sum(dim=0)
 
 
 def _chunks(rows: list[_Row], size: int, mix_layers: bool) -> Iterator[list[_Row]]:
@@ -210,28 +225,23 @@ def _run_chunk(
     device = local.device
     additive = arch.spec.additive_mlp
     layout = RowLayout.for_prefix(len(rows), n, p0)
-    by_layer: dict[int, list[int]] = {}
-    for index, row in enumerate(rows):
-        by_layer.setdefault(row.layer, []).append(index)
+    slots_of: dict[int, list[int]] = {}  # layer -> the chunk rows (slots) of that layer
+    for slot, row in enumerate(rows):
+        slots_of.setdefault(row.layer, []).append(slot)
+    by_layer = {layer: torch.tensor(slots, device=device) for layer, slots in slots_of.items()}
     alphas = torch.tensor([row.alpha for row in rows], device=device)
 
     with torch.enable_grad(), ExitStack() as stack:
+        # every row's entry value (float32), in chunk order, then one leaf for the whole chunk
+        scaled = torch.cat([terms[layer].scaled(alphas[slots], local) for layer, slots in by_layer.items()])
+        order = torch.cat(list(by_layer.values()))
+        leaf = torch.empty_like(scaled).index_copy_(0, order, scaled).to(clean.dtype).requires_grad_(True)
         entries = {}
-        if additive:
-            # layer l's output with its site at alpha * a: the clean output plus (alpha - 1) * W a
-            hidden = torch.stack([terms[row.layer].entry_hidden.float() for row in rows])  # [c, n, D]
-            shift = torch.stack([terms[row.layer].site_out for row in rows])  # [c, P, D]
-            hidden[:, local] += (alphas - 1.0).view(-1, 1, 1) * shift
-            leaf = hidden.to(clean.dtype).requires_grad_(True)
-            for layer, indices in by_layer.items():
-                slots = torch.tensor(indices, device=device)
+        for layer, slots in by_layer.items():
+            if additive:
                 entries[terms[layer].entry] = (slots, leaf[slots])
-        else:
-            sites = torch.stack([terms[row.layer].site for row in rows])  # [c, P, I]
-            leaf = (alphas.view(-1, 1, 1) * sites).to(clean.dtype).requires_grad_(True)
-            for layer, indices in by_layer.items():
-                slots = torch.tensor(indices, device=device)
-                hidden = terms[layer].entry_hidden.expand(len(indices), -1, -1)
+            else:
+                hidden = terms[layer].entry_hidden.expand(len(slots), -1, -1)
                 entries[terms[layer].entry] = (slots, hidden)
                 stack.enter_context(_site_replaced(arch.mlp_out[layer], leaf[slots], slots, layout, local))
         final = run_tail(arch, layout, p0, clean.prefix_kv, entries)
@@ -241,10 +251,9 @@ def _run_chunk(
     grad = grad.float()
     if additive:
         grad = grad[:, local]
-    for layer, indices in by_layer.items():
-        index = torch.tensor(indices, device=device)
-        terms[layer].add(torch.tensor([rows[i].weight for i in indices], device=device), grad[index])
-        for i in indices:
+    for layer, slots in slots_of.items():
+        terms[layer].add(torch.tensor([rows[i].weight for i in slots], device=device), grad[by_layer[layer]])
+        for i in slots:
             if rows[i].baseline:
                 terms[layer].baseline = float(values[i].detach())
 
@@ -297,7 +306,7 @@ def _example_scores(
     for part in _chunks(rows, chunk, mix_layers=rows_per_layer * n < _MIX_LAYERS_BELOW_TOKENS):
         _run_chunk(arch, example, clean, terms, part, objective)
         bar.update(sum(1 for row in part if row.baseline))  # a layer is done with its baseline row (its last)
-    scores = torch.stack([terms[layer].scores() for layer in layers])
+    scores = torch.stack([terms[layer].scores for layer in layers])
     delta = torch.tensor([float(scores[j].sum()) - (clean.objective - terms[layer].baseline)
                           for j, layer in enumerate(layers)])
     return scores, delta
