@@ -1,0 +1,39 @@
+"""The kernel microbenchmark runs every op on tiny shapes and writes its table, JSON, CSV and plot."""
+
+import json
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+import fastrit  # noqa: E402
+from benchmarks import bench_kernels  # noqa: E402
+
+TINY = {
+    "ig_interpolate": "3x7x13",
+    "ig_accumulate": "3x7x13",
+    "ig_accumulate_linear": "3x7x5x13",
+    "swiglu": "7x13",
+    "row_sparse_grad": "7x13x5x3",
+    "col_sparse_grad": "7x5x13x3",
+    "nf4_quantize": "8x64",
+    "nf4_dequantize": "8x64",
+}
+
+
+@pytest.mark.parametrize("op", list(TINY))
+def test_every_op_is_benchmarked(tmp_path, op):
+    rows = bench_kernels.main(["--op", op, "--shape", TINY[op], "--no-compile", "--min-run-time", "0.01",
+                               "--out", str(tmp_path), "--name", op])
+    providers = {row.provider for row in rows}
+    assert "torch" in providers
+    if fastrit.backends()["cpp"] == "available":
+        assert "cpp" in providers
+    saved = json.loads((tmp_path / f"{op}.json").read_text())
+    assert all(row["median_ms"] > 0 and row["gbps"] > 0 for row in saved["rows"])
+    assert (tmp_path / f"{op}.png").stat().st_size > 0
+
+
+def test_shape_must_match_the_op():
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--op", "swiglu", "--shape", "7x13x5"])
