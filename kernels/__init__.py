@@ -18,11 +18,15 @@ if __name__ == "kernels":
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _root]
     _spec = importlib.machinery.PathFinder.find_spec(__name__, _path)
-    if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules[__name__] = _module  # the import statement returns what sys.modules holds after this file ran
-    _spec.loader.exec_module(_module)
+    if _spec is not None and _spec.loader is not None:
+        _module = importlib.util.module_from_spec(_spec)
+        sys.modules[__name__] = _module  # the import statement returns what sys.modules holds after this file ran
+        _spec.loader.exec_module(_module)
+    else:
+        # No such package is installed. Look like an empty namespace package (no __file__, no __version__),
+        # which is what libraries probing for `kernels` (transformers, bitsandbytes) treat as absent; raising
+        # here instead would break `import transformers` itself. `from kernels import x` still fails.
+        del __file__
 else:
     from .ig import ig_accumulate_fwd, ig_accumulate_linear_fwd, ig_interpolate_fwd
     from .nf4 import nf4_dequantize_fwd, nf4_quantize_fwd
