@@ -52,7 +52,7 @@ def ig_interpolate_kernel(base, direction, alphas, out, ND, M, BLOCK_D: tl.const
 
 
 def ig_interpolate_fwd(base: torch.Tensor, direction: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
-    """``[m, N, D]`` in ``base.dtype``: ``base + alphas[k] * direction`` (float32 arithmetic)."""
+    """``[m, N, D]`` in ``base.dtype``: ``base + alphas[k] * direction`` (float32, bit-exact with the reference)."""
     n, d = base.shape
     m = alphas.shape[0]
     out = torch.empty((m, n, d), dtype=base.dtype, device=base.device)
@@ -63,7 +63,8 @@ def ig_interpolate_fwd(base: torch.Tensor, direction: torch.Tensor, alphas: torc
     def grid(meta):
         return (triton.cdiv(nd, meta["BLOCK_D"]), triton.cdiv(m, meta["BLOCK_M"]))
 
-    ig_interpolate_kernel[grid](base, direction, alphas, out, nd, m)
+    # no fused multiply-add: every multiply and add rounds on its own, as in the reference (bit-exact)
+    ig_interpolate_kernel[grid](base, direction, alphas, out, nd, m, enable_fp_fusion=False)
     return out
 
 
