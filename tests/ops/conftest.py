@@ -35,9 +35,10 @@ BACKENDS = runnable_backends()
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
     if want.numel() == 0:
         return
-    scale = float(want.float().abs().max()) or 1.0
-    err = float((got.float() - want.float()).abs().max())
+    got, want = got.detach().float(), want.detach().float()
+    scale = float(want.abs().max()) or 1.0
+    err = float((got - want).abs().max())
     assert err <= tol * scale, f"max error {err:.3e} > {tol:.1e} x {scale:.3e}"
