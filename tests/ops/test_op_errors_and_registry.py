@@ -36,6 +36,9 @@ BAD_CALLS = [
                                                        backend=b)),
     ("x", ValueError, lambda b: ops.row_sparse_grad(torch.ones(3, 4), torch.ones(2, 2), torch.tensor([1]),
                                                     backend=b)),
+    ("up", ValueError, lambda b: ops.swiglu(torch.ones(3, 4), torch.ones(3, 4, device="meta"), backend=b)),
+    ("weights", ValueError, lambda b: ops.ig_accumulate_linear(
+        torch.ones(3, 4), torch.ones(2, 3, 6), torch.ones(6, 4), torch.rand(2, device="meta"), backend=b)),
     ("weight", TypeError, lambda b: ops.nf4_quantize(torch.ones(64, dtype=torch.int64), backend=b)),
     ("backend", ValueError, lambda b: ops.swiglu(torch.ones(3, 4), torch.ones(3, 4), backend="fast")),
 ]
