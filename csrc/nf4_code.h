@@ -1,0 +1,24 @@
+// The NF4 code table (bitsandbytes' 16 values, ascending; index = the 4-bit code), shared by the CPU
+// and CUDA kernels. Must equal fastrit/ops/reference.py's NF4_CODE bit for bit: every literal below is
+// a float32 value written out in full, so it converts to exactly that float.
+#pragma once
+
+#define FASTRIT_NF4_CODE_VALUES                                                                      \
+  -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f, \
+      -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f, \
+      0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,        \
+      0.7229568362236023f, 1.0f
+
+namespace fastrit {
+
+constexpr float kNF4Code[16] = {FASTRIT_NF4_CODE_VALUES};
+
+// Bucket boundary i (between codes i and i + 1), computed in float32 exactly as the reference does:
+// (code[i] + code[i + 1]) / 2.
+constexpr float nf4_midpoint(int i) { return (kNF4Code[i] + kNF4Code[i + 1]) / 2.0f; }
+
+// The smallest absmax a block is scaled by (torch's clamp(min=1e-38) on a float32 tensor: the double
+// 1e-38 rounded to float32, a subnormal).
+constexpr float kNF4MinAbsmax = static_cast<float>(1e-38);
+
+}  // namespace fastrit
