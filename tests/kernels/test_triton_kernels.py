@@ -394,3 +394,19 @@ def test_top_level_kernels_name_is_not_taken(tmp_path):
         "    print('absent')\n"
     )
     assert _python(code, ROOT, {"PYTHONPATH": str(ROOT)}).strip() == "absent"
+
+
+def test_kernels_compile_for_a_gpu_target(tmp_path):
+    # The GPU-only paths (native bf16 dot and cast, no FMA in ig_interpolate) down to a sm_90 cubin, no GPU needed.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    run = subprocess.run(
+        [sys.executable, "-m", "tests.kernels.gpu_compile", "90"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(run.stdout.strip().splitlines()) == 11
