@@ -25,7 +25,22 @@
 
 #define FASTRIT_ALWAYS_INLINE inline __attribute__((always_inline))
 
+#if FASTRIT_X86_64
+// Functions written with AVX-512 intrinsics; call them only when cpu_has_avx512().
+#define FASTRIT_AVX512 __attribute__((target("avx512f")))
+#endif
+
 namespace fastrit::cpu {
+
+// Whether this CPU (and OS) runs AVX-512F code.
+inline bool cpu_has_avx512() {
+#if FASTRIT_X86_64
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+#else
+  return false;
+#endif
+}
 
 // ---- float32 <-> storage dtype -------------------------------------------------------------------------
 // Written on raw bits so that the compiler vectorises them; the rounding is the same as torch's .to()

@@ -14,16 +14,8 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/avx512_utils.h"
 #include "cpu/cpu_common.h"
-
-#if FASTRIT_X86_64
-// GCC 12 warns inside its own AVX-512 headers (the _mm512_undefined_* operand of the masked builtins,
-// GCC bug 105593); the warning is a false positive.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#endif
 
 namespace fastrit::cpu {
 namespace {
@@ -34,8 +26,6 @@ void gemm_mul_aten(const at::Tensor& a, const at::Tensor& b, const at::Tensor& s
 }
 
 #if FASTRIT_X86_64
-
-#define FASTRIT_AVX512 __attribute__((target("avx512f")))
 
 constexpr int64_t kMR = 12;   // rows of the register tile (12 x 2 accumulators of 16 floats)
 constexpr int64_t kNR = 32;   // columns of the register tile
@@ -50,18 +40,6 @@ constexpr int64_t kNC = 256;  // columns of a task
   AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
 
 bool avx512_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
-
-// 16 consecutive values as float32.
-FASTRIT_AVX512 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
-FASTRIT_AVX512 inline __m512 load16(const c10::BFloat16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-FASTRIT_AVX512 inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
 
 // b[0:kc, 0:nc] (row stride ldb) into ceil(nc / kNR) micro-panels, each [kc][kNR] float32, the columns
 // past nc zero.
@@ -208,13 +186,8 @@ void gemm_mul_avx512(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
 }  // namespace
 
 bool gemm_mul_has_avx512() {
-#if FASTRIT_X86_64
-  static const bool cpu_has_avx512 = __builtin_cpu_supports("avx512f");
   const char* choice = std::getenv("FASTRIT_CPU_GEMM");
-  return cpu_has_avx512 && !(choice != nullptr && std::strcmp(choice, "aten") == 0);
-#else
-  return false;
-#endif
+  return cpu_has_avx512() && !(choice != nullptr && std::strcmp(choice, "aten") == 0);
 }
 
 void gemm_mul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, at::Tensor& out) {
