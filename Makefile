@@ -12,10 +12,16 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 
-# torch first, so that the package (and later its extension) builds against the venv's torch.
-$(STAMP): $(PY) setup.py
+# The compiled extension fastrit._C: one CUDA architecture by default (each costs minutes of nvcc);
+# e.g. `make install TORCH_CUDA_ARCH_LIST="8.0;8.6;9.0"` for more.
+TORCH_CUDA_ARCH_LIST ?= 9.0
+MAX_JOBS ?= 2
+EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
+
+# torch first, so that the package (and its extension) builds against the venv's torch.
+$(STAMP): $(PY) setup.py $(EXT_SOURCES)
 	$(PIP) install torch==$(TORCH_VERSION)
-	$(PIP) install --no-build-isolation -e ".[test]"
+	TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
