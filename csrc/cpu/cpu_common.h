@@ -85,8 +85,8 @@ FASTRIT_ALWAYS_INLINE c10::BFloat16 store_f32<c10::BFloat16>(float f) {
 
 // exp(x) for float32, branch-free so that loops calling it vectorise (std::exp does not, without
 // -ffast-math, which NF4 forbids). exp(x) = 2^n * exp(r), n = round(x / ln 2), r = x - n ln 2 with ln 2
-// split in two (Cody-Waite) so r is exact, exp(r) by Cephes' degree-6 polynomial: within 2 ulp of the
-// true value. 2^n is applied as two normal powers of two, so results that underflow to subnormals or 0
+// split in two (Cody-Waite) so r is exact, exp(r) by Cephes' degree-6 polynomial (about 1 ulp; silu and
+// sigmoid built on it measure as close to float64 truth as torch's own kernels). 2^n is applied as two normal powers of two, so results that underflow to subnormals or 0
 // and overflow to inf come out right (x > 88.72 gives inf, x < -103.9 gives 0). NaN propagates.
 FASTRIT_ALWAYS_INLINE float exp_f32(float x) {
   // Beyond these, exp is inf or 0 anyway; the clamp keeps n within what the two factors can hold.

@@ -12,7 +12,7 @@ namespace {
 
 // Elements of [N, D] handled together: small enough that the piece of every operand stays in L1 while
 // all m steps go over it.
-constexpr int64_t kPiece = 1024;
+constexpr int64_t kPiece = 4096;
 
 // Grain of a parallel loop over [N, D] whose every element touches `steps` steps.
 int64_t grain_for(int64_t steps) { return std::max<int64_t>(kPiece, kElementwiseGrain / std::max<int64_t>(steps, 1)); }

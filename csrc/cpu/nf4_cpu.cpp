@@ -1,5 +1,5 @@
 // bitsandbytes' blockwise NF4 on the CPU, bit-exact with reference.nf4_quantize_blocks /
-// nf4_dequantize_blocks (and so with bitsandbytes' own kernels).
+// nf4_dequantize_blocks (and with bitsandbytes.functional.quantize_4bit's packed bytes and absmax).
 //
 // Quantize: absmax per block of `blocksize` consecutive elements; a full block is scaled by
 // (1 / max(absmax, 1e-38)), the final partial block divided by its absmax clamped to >= 1e-38 (which is
