@@ -31,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_attribution
+	$(PY) -m benchmarks.bench_kernels
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastrit benchmarks tests
