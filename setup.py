@@ -131,6 +131,7 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "captum>=0.7",
+            "accelerate>=1.1",  # transformers needs it to load bitsandbytes 4-bit models
             "matplotlib>=3.7",
             "ruff>=0.5",
         ],
