@@ -83,6 +83,17 @@ def choose(backend: str, device: torch.device) -> str:
     return backend
 
 
+def dispatch(op: str, backend: str, device: torch.device, reference_fn, *args):
+    """Run ``op`` on ``args`` with the backend :func:`choose` picks: ``reference_fn`` (torch), the Triton
+    launcher ``fastrit.kernels.<op>_fwd``, or ``torch.ops.fastrit.<op>`` (cpp and cuda)."""
+    name = choose(backend, device)
+    if name == "torch":
+        return reference_fn(*args)
+    if name == "triton":
+        return getattr(triton_kernels(), f"{op}_fwd")(*args)
+    return compiled_op(op)(*args)
+
+
 def compiled_op(name: str):
     """``torch.ops.fastrit.<name>`` (the extension is loaded by :func:`choose` having found it available)."""
     return getattr(torch.ops.fastrit, name)

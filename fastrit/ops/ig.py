@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, reference
-from ._backend import choose, compiled_op, triton_kernels
+from ._backend import dispatch
 
 __all__ = ["ig_interpolate", "ig_accumulate", "ig_accumulate_linear"]
 
@@ -33,13 +33,8 @@ def ig_interpolate(
         )
     alphas = _checks.weights("alphas", alphas, _checks.tensor("alphas", alphas).numel())
     device = _checks.same_device(base=base, direction=direction, alphas=alphas)
-    base, direction, alphas = base.contiguous(), direction.contiguous(), alphas.contiguous()
-    name = choose(backend, device)
-    if name == "torch":
-        return reference.ig_interpolate(base, direction, alphas)
-    if name == "triton":
-        return triton_kernels().ig_interpolate_fwd(base, direction, alphas)
-    return compiled_op("ig_interpolate")(base, direction, alphas)
+    args = (base.contiguous(), direction.contiguous(), alphas.contiguous())
+    return dispatch("ig_interpolate", backend, device, reference.ig_interpolate, *args)
 
 
 def ig_accumulate(
@@ -58,13 +53,8 @@ def ig_accumulate(
     _checks.size("grads", grads, 2, act.shape[1], "I, like act")
     weights = _checks.weights("weights", weights, grads.shape[0])
     device = _checks.same_device(act=act, grads=grads, weights=weights)
-    act, grads, weights = act.contiguous(), grads.contiguous(), weights.contiguous()
-    name = choose(backend, device)
-    if name == "torch":
-        return reference.ig_accumulate(act, grads, weights)
-    if name == "triton":
-        return triton_kernels().ig_accumulate_fwd(act, grads, weights)
-    return compiled_op("ig_accumulate")(act, grads, weights)
+    args = (act.contiguous(), grads.contiguous(), weights.contiguous())
+    return dispatch("ig_accumulate", backend, device, reference.ig_accumulate, *args)
 
 
 def ig_accumulate_linear(
@@ -93,11 +83,5 @@ def ig_accumulate_linear(
     _checks.size("weight_down", weight_down, 1, act.shape[1], "I, like act")
     weights = _checks.weights("weights", weights, grad_resid.shape[0])
     device = _checks.same_device(act=act, grad_resid=grad_resid, weight_down=weight_down, weights=weights)
-    act, grad_resid, weight_down = act.contiguous(), grad_resid.contiguous(), weight_down.contiguous()
-    weights = weights.contiguous()
-    name = choose(backend, device)
-    if name == "torch":
-        return reference.ig_accumulate_linear(act, grad_resid, weight_down, weights)
-    if name == "triton":
-        return triton_kernels().ig_accumulate_linear_fwd(act, grad_resid, weight_down, weights)
-    return compiled_op("ig_accumulate_linear")(act, grad_resid, weight_down, weights)
+    args = (act.contiguous(), grad_resid.contiguous(), weight_down.contiguous(), weights.contiguous())
+    return dispatch("ig_accumulate_linear", backend, device, reference.ig_accumulate_linear, *args)

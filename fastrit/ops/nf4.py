@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _checks, reference
-from ._backend import choose, compiled_op, triton_kernels
+from ._backend import dispatch
 
 __all__ = ["nf4_quantize", "nf4_dequantize", "nf4_linear", "NF4_BLOCKSIZES"]
 
@@ -46,14 +46,9 @@ def nf4_quantize(
         raise ValueError("weight: cannot quantize an empty tensor")
     if blocksize not in NF4_BLOCKSIZES:
         raise ValueError(f"blocksize: expected one of {NF4_BLOCKSIZES}, got {blocksize!r}")
-    name = choose(backend, weight.device)
-    flat = weight.contiguous()
-    if name == "torch":
-        packed, absmax = reference.nf4_quantize_blocks(flat, blocksize)
-    elif name == "triton":
-        packed, absmax = triton_kernels().nf4_quantize_fwd(flat, blocksize)
-    else:
-        packed, absmax = compiled_op("nf4_quantize")(flat, blocksize)
+    packed, absmax = dispatch(
+        "nf4_quantize", backend, weight.device, reference.nf4_quantize_blocks, weight.contiguous(), blocksize
+    )
     bnbf = _bnb()
     code = torch.tensor(reference.NF4_CODE, dtype=torch.float32, device=weight.device)
     if compress_statistics:
@@ -109,13 +104,8 @@ def nf4_dequantize(packed: torch.Tensor, quant_state, *, backend: str = "auto") 
     """
     absmax, _ = _block_absmax(packed, quant_state)
     shape, dtype, blocksize = tuple(quant_state.shape), quant_state.dtype, quant_state.blocksize
-    name = choose(backend, packed.device)
-    packed = packed.contiguous()
-    if name == "torch":
-        return reference.nf4_dequantize_blocks(packed, absmax, blocksize, shape, dtype)
-    if name == "triton":
-        return triton_kernels().nf4_dequantize_fwd(packed, absmax, blocksize, shape, dtype)
-    return compiled_op("nf4_dequantize")(packed, absmax, blocksize, list(shape), dtype)
+    args = (packed.contiguous(), absmax, blocksize, list(shape), dtype)
+    return dispatch("nf4_dequantize", backend, packed.device, reference.nf4_dequantize_blocks, *args)
 
 
 def nf4_linear(

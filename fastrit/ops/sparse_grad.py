@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks, reference
-from ._backend import choose, compiled_op, triton_kernels
+from ._backend import dispatch
 
 __all__ = ["row_sparse_grad", "col_sparse_grad"]
 
@@ -27,13 +27,8 @@ def row_sparse_grad(
     _checks.size("x", x, 0, grad_out.shape[0], "N, like grad_out")
     _checks.index("rows", rows, grad_out.shape[1])
     device = _checks.same_device(grad_out=grad_out, x=x, rows=rows)
-    grad_out, x, rows = grad_out.contiguous(), x.contiguous(), rows.contiguous()
-    name = choose(backend, device)
-    if name == "torch":
-        return reference.row_sparse_grad(grad_out, x, rows)
-    if name == "triton":
-        return triton_kernels().row_sparse_grad_fwd(grad_out, x, rows)
-    return compiled_op("row_sparse_grad")(grad_out, x, rows)
+    args = (grad_out.contiguous(), x.contiguous(), rows.contiguous())
+    return dispatch("row_sparse_grad", backend, device, reference.row_sparse_grad, *args)
 
 
 def col_sparse_grad(
@@ -53,10 +48,5 @@ def col_sparse_grad(
     _checks.size("h", h, 0, grad_out.shape[0], "N, like grad_out")
     _checks.index("cols", cols, h.shape[1])
     device = _checks.same_device(grad_out=grad_out, h=h, cols=cols)
-    grad_out, h, cols = grad_out.contiguous(), h.contiguous(), cols.contiguous()
-    name = choose(backend, device)
-    if name == "torch":
-        return reference.col_sparse_grad(grad_out, h, cols)
-    if name == "triton":
-        return triton_kernels().col_sparse_grad_fwd(grad_out, h, cols)
-    return compiled_op("col_sparse_grad")(grad_out, h, cols)
+    args = (grad_out.contiguous(), h.contiguous(), cols.contiguous())
+    return dispatch("col_sparse_grad", backend, device, reference.col_sparse_grad, *args)
