@@ -34,7 +34,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_kernels
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fastrit benchmarks tests
+	$(VENV)/bin/ruff check fastrit kernels benchmarks tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

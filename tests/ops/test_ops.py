@@ -21,7 +21,7 @@ def shapes(backend):
     return list(itertools.product(rows, cols))
 
 
-def case(backend_shapes=True):
+def case():
     """(backend, n, i) for every backend and shape it runs."""
     return [pytest.param(b, n, i, id=f"{b}-{n}x{i}") for b in BACKENDS for n, i in shapes(b)]
 
