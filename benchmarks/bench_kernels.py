@@ -182,38 +182,71 @@ def _nf4_case(op: str, shape: tuple[int, ...], dtype: torch.dtype, device: str, 
     return Case(op, shape, numel * es + packed_bytes + absmax_bytes, providers)
 
 
-def time_ms(fn: Callable[[], object], device: str, min_run_time: float) -> tuple[float, float, float]:
-    """(median, 20th percentile, 80th percentile) in milliseconds."""
-    fn()  # warm-up (and compilation for the compiled provider)
+def _quantiles(times_s: list[float]) -> tuple[float, float, float]:
+    """(median, 20th percentile, 80th percentile) of per-call times in seconds, in milliseconds."""
+    ordered = sorted(times_s)
+
+    def quantile(q: float) -> float:
+        position = q * (len(ordered) - 1)
+        low = math.floor(position)
+        high = min(low + 1, len(ordered) - 1)
+        return (ordered[low] + (ordered[high] - ordered[low]) * (position - low)) * 1e3
+
+    return quantile(0.5), quantile(0.2), quantile(0.8)
+
+
+def time_providers(providers: dict[str, Callable[[], object]], device: str, min_run_time: float, rounds: int,
+                   threads: int) -> dict[str, tuple[float, float, float] | Exception]:
+    """(median, p20, p80) in milliseconds per provider, or the exception that stopped it.
+
+    On the CPU the providers are timed in ``rounds`` interleaved rounds of ``min_run_time / rounds``
+    seconds each (torch.utils.benchmark blocks, with ``threads`` intra-op threads), so that a slow
+    phase of a shared machine lands on every provider instead of on whichever ran then; the quantiles
+    are over all blocks of all rounds. On a GPU each provider gets one triton.testing.do_bench.
+    """
+    results: dict[str, tuple[float, float, float] | Exception] = {}
+    runnable = {}
+    for name, fn in providers.items():
+        try:
+            fn()  # warm-up (and compilation for the compiled provider)
+            runnable[name] = fn
+        except Exception as error:  # a provider that cannot run here is reported, not fatal
+            results[name] = error
     if device == "cuda":
         import triton.testing
 
-        return tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+        for name, fn in runnable.items():
+            results[name] = tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
+        return results
     from torch.utils import benchmark
 
-    measurement = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
-    times = sorted(measurement.times)
-
-    def quantile(q: float) -> float:
-        return times[min(len(times) - 1, int(q * (len(times) - 1) + 0.5))] * 1e3
-
-    return measurement.median * 1e3, quantile(0.2), quantile(0.8)
+    # Timer runs its statement with `num_threads` threads (its default is 1, not the process's setting).
+    timers = {name: benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+              for name, fn in runnable.items()}
+    block_times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            block_times[name].extend(timer.blocked_autorange(min_run_time=min_run_time / rounds).times)
+    results.update((name, _quantiles(times)) for name, times in block_times.items())
+    return dict((name, results[name]) for name in providers)
 
 
 def run(ops_to_run: list[str], shapes: dict[str, tuple[int, ...]], dtype_name: str, device: str,
-        compiled: bool, min_run_time: float) -> list[Row]:
+        compiled: bool, min_run_time: float, rounds: int = 3, threads: int | None = None) -> list[Row]:
+    """Time every provider of every op in ``ops_to_run``; ``threads`` intra-op threads on the CPU
+    (default: torch.get_num_threads())."""
+    threads = threads or torch.get_num_threads()
     rows = []
     dtype = DTYPES[dtype_name]
     for op in ops_to_run:
         case = make_case(op, shapes[op], dtype, device, compiled)
         shape = "x".join(map(str, case.shape))
         op_rows = []
-        for provider, fn in case.providers.items():
-            try:
-                median, p20, p80 = time_ms(fn, device, min_run_time)
-            except Exception as error:  # a provider that cannot run here is reported, not fatal
-                print(f"  {op:22s} {provider:12s} failed: {type(error).__name__}: {error}")
+        for provider, result in time_providers(case.providers, device, min_run_time, rounds, threads).items():
+            if isinstance(result, Exception):
+                print(f"  {op:22s} {provider:12s} failed: {type(result).__name__}: {result}")
                 continue
+            median, p20, p80 = result
             op_rows.append(Row(op, shape, dtype_name, provider, median, p20, p80, case.bytes,
                                case.bytes / (median * 1e-3) / 1e9))
         torch_ms = next((r.median_ms for r in op_rows if r.provider == "torch"), None)
@@ -226,12 +259,12 @@ def run(ops_to_run: list[str], shapes: dict[str, tuple[int, ...]], dtype_name: s
     return rows
 
 
-def environment(device: str) -> dict:
+def environment(device: str, threads: int) -> dict:
     return {
         "machine": platform.machine(),
         "processor": platform.processor(),
         "cpu_count": __import__("os").cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "threads": threads,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -292,6 +325,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per CPU measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per CPU measurement")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="intra-op threads on the CPU (default: torch's setting, here %(default)s)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="bench_kernels", help="output file stem")
     args = parser.parse_args(argv)
@@ -304,10 +340,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
         if len(args.shape) != expected:
             parser.error(f"--shape: {chosen[0]} takes {expected} sizes ({SHAPES[chosen[0]][1]})")
         shapes[chosen[0]] = args.shape
-    print(f"device {args.device}, dtype {args.dtype}, backends {ops.backends()}")
-    rows = run(chosen, shapes, args.dtype, args.device, not args.no_compile, args.min_run_time)
+    if args.rounds < 1:
+        parser.error("--rounds: must be >= 1")
+    if args.threads < 1:
+        parser.error("--threads: must be >= 1")
+    print(f"device {args.device}, dtype {args.dtype}, {args.threads} CPU threads, backends {ops.backends()}")
+    rows = run(chosen, shapes, args.dtype, args.device, not args.no_compile, args.min_run_time, args.rounds,
+               args.threads)
     if rows:
-        write(rows, environment(args.device), args.out, args.name)
+        write(rows, environment(args.device, args.threads), args.out, args.name)
         print(f"wrote {args.out / args.name}.json, .csv, .png")
     return rows
 

@@ -11,6 +11,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 // The extension is compiled for the baseline ISA (x86-64: SSE2). Hot loops marked FASTRIT_CPU_CLONES
 // are compiled three times more, for AVX-512, AVX2 and the baseline, and the loader picks the best the
 // CPU supports (GCC/Clang target_clones, an ifunc). Only loops without calls out of line benefit:
@@ -131,6 +135,29 @@ inline void for_each_row_piece(int64_t begin, int64_t end, int64_t cols, const F
     fn(begin, column, length);
     begin += length;
   }
+}
+
+// ---- outputs ----------------------------------------------------------------------------------------------
+
+// at::empty for an output a kernel is about to write whole. A large fresh tensor comes from mmap, and
+// first-touch page faults (4 KiB at a time, each zero-filled by the kernel) can cost more than the
+// kernel itself: filling 64 MiB that way takes ~20 ms here, dequantizing into it ~5 ms. So large
+// outputs ask Linux for transparent huge pages (MADV_HUGEPAGE on their 2 MiB-aligned interior; honoured
+// when THP is in "madvise" or "always" mode, a harmless hint otherwise), as torch's own
+// THP_MEM_ALLOC_ENABLE does for every allocation.
+inline at::Tensor empty_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(shape, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t{1} << 21;
+  const uintptr_t start = reinterpret_cast<uintptr_t>(out.data_ptr());
+  const uintptr_t bytes = out.nbytes();
+  if (bytes >= 4 * kHugePage) {
+    const uintptr_t first = (start + kHugePage - 1) & ~(kHugePage - 1);
+    const uintptr_t last = (start + bytes) & ~(kHugePage - 1);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
 }
 
 }  // namespace fastrit::cpu

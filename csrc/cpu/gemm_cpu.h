@@ -1,19 +1,22 @@
-// out = (a @ b) * scale on the CPU, fused: the GEMM behind ig_accumulate_linear.
+// out = ((sum_s w_s a[s]) @ b) * scale on the CPU, fused: the kernel behind ig_accumulate_linear.
 #pragma once
 
 #include <ATen/ATen.h>
 
 namespace fastrit::cpu {
 
-// Whether gemm_mul runs its AVX-512 kernel on this machine. False on CPUs without AVX-512F, off x86-64,
-// or when the environment variable FASTRIT_CPU_GEMM=aten asks for the portable path (at::mm then a
-// multiply), e.g. to test it.
-bool gemm_mul_has_avx512();
+// Whether weighted_gemm_mul runs these operands on this machine: an AVX-512 CPU, float32 / bfloat16 /
+// float16 operands, nothing empty, and the environment variable FASTRIT_CPU_GEMM not set to "aten"
+// (which asks for the portable path, e.g. to test it). Otherwise the caller uses ATen.
+bool weighted_gemm_mul_supported(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale);
 
-// out[M, N] = (a[M, K] @ b[K, N]) * scale[M, N], float32 arithmetic with float32 accumulation.
-// a: float32; b and scale: float32, bfloat16, float16 or float64 (read as float32); out: float32. All
-// contiguous, on the CPU. The product is multiplied into scale element by element, as
-// `scale.float() * (a @ b.float())` does.
-void gemm_mul(const at::Tensor& a, const at::Tensor& b, const at::Tensor& scale, at::Tensor& out);
+// out[M, N] = ((sum_s weights[s] * a[s]) @ b) * scale, float32 arithmetic with float32 accumulation.
+// a: [S, M, K]; b: [K, N]; scale: [M, N] — each float32, bfloat16 or float16, widened to float32 as it is
+// read (never copied whole). weights: [S] float32. out: [M, N] float32. All contiguous, on the CPU. The
+// weighted sum is formed block by block as the GEMM packs its left operand, so [M, K] is never written
+// out (unless several column blocks would each redo it); the multiply by `scale` happens while a tile of
+// the product is still in L1. Call only when weighted_gemm_mul_supported().
+void weighted_gemm_mul(const at::Tensor& a, const at::Tensor& weights, const at::Tensor& b, const at::Tensor& scale,
+                       at::Tensor& out);
 
 }  // namespace fastrit::cpu

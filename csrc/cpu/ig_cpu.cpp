@@ -72,7 +72,7 @@ at::Tensor ig_interpolate_cpu(const at::Tensor& base_in, const at::Tensor& direc
   const at::Tensor direction = direction_in.contiguous();
   const at::Tensor alphas = alphas_in.contiguous();
   const int64_t steps = alphas.size(0);
-  at::Tensor out = at::empty({steps, base.size(0), base.size(1)}, base.options());
+  at::Tensor out = empty_output({steps, base.size(0), base.size(1)}, base.options());
   const int64_t numel = base.numel();
   if (numel == 0 || steps == 0) return out;
   const float* alphas_p = alphas.const_data_ptr<float>();
@@ -94,7 +94,7 @@ at::Tensor ig_accumulate_cpu(const at::Tensor& act_in, const at::Tensor& grads_i
   const at::Tensor act = act_in.contiguous();
   const at::Tensor grads = grads_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
-  at::Tensor out = at::empty(act.sizes(), act.options().dtype(at::kFloat));
+  at::Tensor out = empty_output(act.sizes(), act.options().dtype(at::kFloat));
   const int64_t numel = act.numel();
   if (numel == 0) return out;
   const int64_t steps = weights.numel();
@@ -119,8 +119,9 @@ at::Tensor ig_accumulate_cpu(const at::Tensor& act_in, const at::Tensor& grads_i
   return out;
 }
 
-// act * ((sum_k w_k grad_resid[k]) @ weight_down): one streaming pass over grad_resid for the weighted
-// sum ([N, H] float32), then the GEMM with the multiply by act fused into it.
+// act * ((sum_k w_k grad_resid[k]) @ weight_down). With AVX-512: one fused kernel (the weighted sum
+// formed block by block inside the GEMM, the multiply by act on each finished tile). Elsewhere: the
+// weighted sum in one streaming pass, at::mm, then the multiply.
 at::Tensor ig_accumulate_linear_cpu(const at::Tensor& act_in, const at::Tensor& grad_resid_in,
                                     const at::Tensor& weight_down_in, const at::Tensor& weights_in) {
   check_ig_accumulate_linear(act_in, grad_resid_in, weight_down_in, weights_in);
@@ -128,10 +129,15 @@ at::Tensor ig_accumulate_linear_cpu(const at::Tensor& act_in, const at::Tensor& 
   const at::Tensor grad_resid = grad_resid_in.contiguous();
   const at::Tensor weight_down = weight_down_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
+  at::Tensor out = empty_output(act.sizes(), act.options().dtype(at::kFloat));
+  if (weighted_gemm_mul_supported(grad_resid, weight_down, act)) {
+    weighted_gemm_mul(grad_resid, weights, weight_down, act, out);
+    return out;
+  }
   at::Tensor summed = at::empty({grad_resid.size(1), grad_resid.size(2)}, act.options().dtype(at::kFloat));
   weighted_sum(grad_resid, weights, summed);
-  at::Tensor out = at::empty(act.sizes(), act.options().dtype(at::kFloat));
-  gemm_mul(summed, weight_down, act, out);
+  at::mm_out(out, summed, weight_down.to(at::kFloat));
+  out.mul_(act);
   return out;
 }
 

@@ -117,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& weight_in,
   const int64_t numel = weight.numel();
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
   const int64_t full_blocks = numel / blocksize;
-  at::Tensor packed = at::empty({(numel + 1) / 2, 1}, weight.options().dtype(at::kByte));
+  at::Tensor packed = empty_output({(numel + 1) / 2, 1}, weight.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, weight.options().dtype(at::kFloat));
   if (numel == 0) return {packed, absmax};
   float* absmax_p = absmax.mutable_data_ptr<float>();
@@ -167,7 +167,7 @@ at::Tensor nf4_dequantize_cpu(const at::Tensor& packed_in, const at::Tensor& abs
   const int64_t numel = check_nf4_dequantize(packed_in, absmax_in, blocksize, shape, dtype);
   const at::Tensor packed = packed_in.contiguous();
   const at::Tensor absmax = absmax_in.contiguous();
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  at::Tensor out = empty_output(shape, packed.options().dtype(dtype));
   if (numel == 0) return out;
   const uint8_t* packed_p = packed.const_data_ptr<uint8_t>();
   const float* absmax_p = absmax.const_data_ptr<float>();

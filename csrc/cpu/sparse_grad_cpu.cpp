@@ -22,7 +22,7 @@ void check_index_range(const at::Tensor& index, int64_t limit, const char* name)
 // out[n, j] = float(src[n, index[j]]) for src [N, C] (contiguous), index [k] (checked), out [N, k].
 at::Tensor gather_columns_f32(const at::Tensor& src, const at::Tensor& index) {
   const int64_t rows = src.size(0), cols = src.size(1), k = index.numel();
-  at::Tensor out = at::empty({rows, k}, src.options().dtype(at::kFloat));
+  at::Tensor out = empty_output({rows, k}, src.options().dtype(at::kFloat));
   if (out.numel() == 0) return out;
   const int64_t* idx = index.const_data_ptr<int64_t>();
   float* out_p = out.mutable_data_ptr<float>();

@@ -49,7 +49,7 @@ at::Tensor swiglu_fwd_cpu(const at::Tensor& gate_in, const at::Tensor& up_in, co
   check_swiglu(gate_in, up_in, keep);
   const at::Tensor gate = gate_in.contiguous();
   const at::Tensor up = up_in.contiguous();
-  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  at::Tensor out = empty_output(gate.sizes(), gate.options());
   const int64_t numel = gate.numel();
   if (numel == 0) return out;
   const int64_t cols = gate.size(1);
@@ -81,8 +81,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd_cpu(const at::Tensor& grad_out_in,
   // The incoming gradient may come in another float dtype (e.g. float32 into a bf16 MLP); it is read
   // as it is rather than converted first.
   const at::Tensor grad_out = grad_out_in.contiguous();
-  at::Tensor d_gate = at::empty(gate.sizes(), gate.options());
-  at::Tensor d_up = at::empty(gate.sizes(), gate.options());
+  at::Tensor d_gate = empty_output(gate.sizes(), gate.options());
+  at::Tensor d_up = empty_output(gate.sizes(), gate.options());
   const int64_t numel = gate.numel();
   if (numel == 0) return {d_gate, d_up};
   const int64_t cols = gate.size(1);

@@ -65,6 +65,26 @@ def test_ig_accumulate_linear(backend, n, i, dtype, tol, steps):
     assert_close(got, want, 1e-5)
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled extension is not built")
+@pytest.mark.parametrize("portable", [False, True], ids=["fused", "aten"])
+@pytest.mark.parametrize("steps,n,hidden,i", [
+    (3, 397, 600, 1000),  # several row blocks, depth blocks (256) and column blocks (768); sum formed first
+    (1, 25, 257, 769),    # one step; depth and column tails of one element
+    (20, 13, 40, 70),     # small enough to run on one thread
+])
+@pytest.mark.parametrize("dtype,tol", DTYPES)
+def test_ig_accumulate_linear_cpu_blocking(monkeypatch, dtype, tol, steps, n, hidden, i, portable):
+    """The fused CPU GEMM across its block boundaries, with bf16/fp16 weights read as they are, and
+    the portable path (FASTRIT_CPU_GEMM=aten) it falls back to off AVX-512."""
+    if portable:
+        monkeypatch.setenv("FASTRIT_CPU_GEMM", "aten")
+    act, grad_resid = randn(n, i, dtype=dtype), randn(steps, n, hidden, dtype=dtype, seed=3)
+    weight_down, weights = randn(hidden, i, dtype=dtype, seed=4), torch.rand(steps)
+    got = ops.ig_accumulate_linear(act, grad_resid, weight_down, weights, backend="cpp")
+    summed = torch.einsum("k,knh->nh", weights.double(), grad_resid.double())
+    assert_close(got, (act.double() * (summed @ weight_down.double())).float(), 1e-5)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("dtype,tol", DTYPES)
 @pytest.mark.parametrize("backend,n,i", case())
