@@ -2,13 +2,15 @@
 //
 // A packed-panel GEMM in the BLIS scheme. b is packed once per (column block, depth block) into
 // micro-panels [depth][32] shared by all threads (read in its own dtype: bf16 / fp16 weights are widened
-// while packing, never copied whole to float32). The rows of the product are split into blocks, as many
-// per thread as balance allows; each block's left operand is the weighted sum of the S slices of a,
-// formed straight into an L2-resident buffer (rows at a fixed stride, so the micro-kernel addresses all
-// 12 of its rows from one pointer). A 12 x 32 register tile (24 accumulators) runs over the 256-deep
-// block with one B micro-panel (32 KiB) held in L1, and is multiplied by `scale` on its way out.
-// Measured here it runs at about 75 % of the core's FMA peak, about twice as fast as at::mm's MKL sgemm,
-// whose code path on this (AMD) CPU does not use AVX-512.
+// while packing, never copied whole to float32). Each thread takes an equal share of the rows, a group
+// of two 12-row register tiles at a time: the group's left operand, the weighted sum of the S slices of
+// a, is formed into a small buffer (rows at a fixed stride, so the micro-kernel addresses all 12 rows of
+// a tile from one pointer); then every B micro-panel, loaded into L1 once per group, meets both tiles in
+// a 12 x 32 register tile (24 accumulators) over the 256-deep block, which is multiplied by `scale` on
+// its way out. Meanwhile the micro-kernels prefetch the rows of a that the next group will sum, so the
+// memory traffic of the weighted sum (a is the largest input) overlaps the arithmetic instead of
+// stalling it. Measured here the GEMM alone runs at 75-85 % of the FMA peak, about twice as fast as
+// at::mm's MKL sgemm, whose code path on this (AMD) CPU does not use AVX-512.
 
 #include "cpu/gemm_cpu.h"
 
@@ -31,8 +33,10 @@ bool avx512_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat
 constexpr int64_t kMR = 12;                // rows of the register tile (12 x 2 accumulators of 16 floats)
 constexpr int64_t kNR = 32;                // columns of the register tile
 constexpr int64_t kKC = 256;               // depth of a block: a B micro-panel (32 KiB) stays in L1
-constexpr int64_t kMaxTilesPerBlock = 16;  // a row block's summed A (<= 192 x 256 floats) stays in L2
 constexpr int64_t kNC = 768;               // columns of a packed B block (768 KiB, shared by the threads)
+// Register tiles summed and run together: each B micro-panel loaded into L1 serves both, and the rows
+// prefetched for the next group (2 x 12 rows of every slice) still fit in L2 beside the packed B block.
+constexpr int64_t kGroupTiles = 2;
 
 // The dtypes the kernel reads a, b and scale in.
 #define FASTRIT_GEMM_CASES(...)             \
@@ -94,14 +98,59 @@ FASTRIT_AVX512 void sum_a_block(const T* a, int64_t step_stride, int64_t lda, co
   for (int64_t r = rows; r < padded_rows; ++r) std::fill(dst + r * ldd, dst + r * ldd + kc, 0.0f);
 }
 
+// The rows of a, in every slice, that the next register tile will sum, handed out one cache line at a
+// time to the micro-kernels of the current tile. They prefetch them between their FMAs, so the memory
+// traffic of the weighted sum overlaps the arithmetic of the GEMM instead of stalling it.
+struct PrefetchRows {
+  const char* row_ptr = nullptr;  // start of the current row (slice `slice`, row `row`)
+  const char* slice_ptr = nullptr;
+  int64_t slice_stride = 0, row_stride = 0;  // bytes
+  int64_t rows = 0, slices = 0, lines_per_row = 0;
+  int64_t slice = 0, row = 0, line = 0;
+  int64_t lines_left = 0;
+
+  PrefetchRows() = default;
+  PrefetchRows(const void* first, int64_t slice_stride_bytes, int64_t row_stride_bytes, int64_t row_count,
+               int64_t slice_count, int64_t row_bytes)
+      : row_ptr(static_cast<const char*>(first)),
+        slice_ptr(row_ptr),
+        slice_stride(slice_stride_bytes),
+        row_stride(row_stride_bytes),
+        rows(row_count),
+        slices(slice_count),
+        lines_per_row((row_bytes + 63) / 64),
+        lines_left(row_count * slice_count * lines_per_row) {}
+
+  // The next line to prefetch (call only while lines_left > 0).
+  FASTRIT_ALWAYS_INLINE const char* next() {
+    const char* line_ptr = row_ptr + line * 64;
+    --lines_left;
+    if (++line == lines_per_row) {
+      line = 0;
+      if (++row == rows) {
+        row = 0;
+        ++slice;
+        slice_ptr += slice_stride;
+        row_ptr = slice_ptr;
+      } else {
+        row_ptr += row_stride;
+      }
+    }
+    return line_ptr;
+  }
+};
+
 // tile[kMR][kNR] = A rows (kMR of them, kKC apart) @ B micro-panel [kc][kNR]: 24 accumulators in
-// registers; per depth step two loads of B and kMR broadcasts of A feed 24 FMAs.
+// registers; per depth step two loads of B and kMR broadcasts of A feed 24 FMAs. Issues up to
+// `prefetches` of `pf`'s lines along the way (one per depth step).
 FASTRIT_AVX512 void micro_kernel(int64_t kc, const float* __restrict a, const float* __restrict b,
-                                 float* __restrict tile) {
+                                 float* __restrict tile, PrefetchRows& pf, int64_t prefetches) {
   __m512 acc[kMR][2];
 #pragma GCC unroll 12
   for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  prefetches = std::min({prefetches, pf.lines_left, kc});
   for (int64_t p = 0; p < kc; ++p) {
+    if (p < prefetches) _mm_prefetch(pf.next(), _MM_HINT_T0);
     const __m512 b0 = _mm512_loadu_ps(b);
     const __m512 b1 = _mm512_loadu_ps(b + 16);
 #pragma GCC unroll 12
@@ -146,29 +195,12 @@ FASTRIT_AVX512 void store_tile(const float* tile, int64_t rows, int64_t cols, bo
   }
 }
 
-// How the rows are cut: blocks of `tiles_per_block` register tiles, as many blocks as a multiple of the
-// thread count when there are enough rows, so that every thread gets the same share.
-struct RowBlocks {
-  int64_t tiles_per_block;
-  int64_t count;
-};
-
-RowBlocks row_blocks(int64_t m, int64_t threads) {
-  const int64_t tiles = (m + kMR - 1) / kMR;
-  int64_t blocks = (tiles + kMaxTilesPerBlock - 1) / kMaxTilesPerBlock;
-  blocks = std::min(tiles, (blocks + threads - 1) / threads * threads);
-  const int64_t tiles_per_block = (tiles + blocks - 1) / blocks;
-  return {tiles_per_block, (tiles + tiles_per_block - 1) / tiles_per_block};
-}
-
 template <typename TA, typename TB, typename TS>
 void weighted_gemm_mul_typed(const TA* a, int64_t steps, const float* w, const TB* b, const TS* scale, float* out,
                              int64_t m, int64_t k, int64_t n) {
-  const int64_t threads = at::get_num_threads();
-  const RowBlocks blocks = row_blocks(m, threads);
+  const int64_t tiles = (m + kMR - 1) / kMR;
   // Small products are not worth waking the other threads for.
   const bool serial = m * n * k < (int64_t{1} << 20);
-  const int64_t block_grain = serial ? blocks.count : 1;
   thread_local std::vector<float> b_buffer;
   float* b_packed = scratch(b_buffer, std::min(n + kNR - 1, kNC) / kNR * kNR * kKC);
   for (int64_t jc = 0; jc < n; jc += kNC) {
@@ -183,21 +215,31 @@ void weighted_gemm_mul_typed(const TA* a, int64_t steps, const float* w, const T
       });
       const bool accumulate = pc > 0;
       const bool last = pc + kc == k;
-      at::parallel_for(0, blocks.count, block_grain, [&](int64_t begin, int64_t end) {
+      // Each thread gets one contiguous run of tiles, the runs differing by at most one tile.
+      at::parallel_for(0, tiles, serial ? tiles : 1, [&](int64_t begin, int64_t end) {
         thread_local std::vector<float> a_buffer, tile_buffer;
-        float* a_block = scratch(a_buffer, blocks.tiles_per_block * kMR * kKC);
+        float* a_group = scratch(a_buffer, kGroupTiles * kMR * kKC);
         float* tile = scratch(tile_buffer, kMR * kNR);
-        for (int64_t block = begin; block < end; ++block) {
-          const int64_t row0 = block * blocks.tiles_per_block * kMR;
-          const int64_t rows = std::min(blocks.tiles_per_block * kMR, m - row0);
+        const int64_t row_begin = begin * kMR;
+        const int64_t row_end = std::min(m, end * kMR);
+        constexpr int64_t kGroupRows = kGroupTiles * kMR;
+        // This thread's rows, a group of register tiles at a time: sum the group's rows of every slice of a
+        // (prefetched while the previous group ran), then run every B micro-panel against its tiles.
+        PrefetchRows pf;
+        for (int64_t row0 = row_begin; row0 < row_end; row0 += kGroupRows) {
+          const int64_t rows = std::min(kGroupRows, row_end - row0);
           const int64_t padded_rows = (rows + kMR - 1) / kMR * kMR;
-          sum_a_block(a + row0 * k + pc, m * k, k, w, steps, rows, padded_rows, kc, a_block, kKC);
+          sum_a_block(a + row0 * k + pc, m * k, k, w, steps, rows, padded_rows, kc, a_group, kKC);
+          const int64_t next_rows = std::min(kGroupRows, row_end - row0 - rows);
+          pf = PrefetchRows(a + (row0 + rows) * k + pc, m * k * sizeof(TA), k * sizeof(TA), next_rows, steps,
+                            kc * sizeof(TA));
+          const int64_t kernels = panels * (padded_rows / kMR);
+          const int64_t per_kernel = (pf.lines_left + kernels - 1) / kernels;
           for (int64_t jp = 0; jp < panels; ++jp) {
-            const int64_t cols = std::min(kNR, nc - jp * kNR);
             for (int64_t ip = 0; ip < rows; ip += kMR) {
-              micro_kernel(kc, a_block + ip * kKC, b_packed + jp * kc * kNR, tile);
+              micro_kernel(kc, a_group + ip * kKC, b_packed + jp * kc * kNR, tile, pf, per_kernel);
               const int64_t offset = (row0 + ip) * n + jc + jp * kNR;
-              store_tile(tile, std::min(kMR, rows - ip), cols, accumulate,
+              store_tile(tile, std::min(kMR, rows - ip), std::min(kNR, nc - jp * kNR), accumulate,
                          last ? scale + offset : static_cast<const TS*>(nullptr), out + offset, n);
             }
           }
