@@ -65,6 +65,18 @@ def test_nf4_bit_exact_with_bitsandbytes(backend, shape, blocksize, dtype, compr
     assert torch.equal(bnb_dequantize_definition(packed, state), ours)
 
 
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled extension is not built")
+@pytest.mark.parametrize("dtype,shape", [(torch.float32, (2048, 2048)), (torch.bfloat16, (4096, 2048)),
+                                         (torch.float16, (4096, 2048))], ids=str)
+def test_nf4_dequantize_large_output_on_cpu(dtype, shape):
+    """16 MiB outputs, which the CPU kernel allocates asking for transparent huge pages."""
+    w = weight(shape, dtype, seed=1)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = ops.nf4_dequantize(packed, state, backend="cpp")
+    assert ours.element_size() * ours.numel() >= 16 << 20
+    assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nf4_linear_gradients(backend):
     w = weight((24, 64), torch.float32)
