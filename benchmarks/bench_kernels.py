@@ -3,7 +3,8 @@
 Providers: ``torch`` (eager PyTorch: the reference expression, or for swiglu ``silu(g)*u*keep`` with
 autograd), ``compiled`` (torch.compile of the same), ``triton``, ``cpp`` and ``cuda`` (fastrit's
 kernels), and ``bitsandbytes`` for the NF4 ops. On CPU tensors times come from
-``torch.utils.benchmark`` (median with 20th/80th percentiles of the measured blocks); on a GPU from
+``torch.utils.benchmark`` with the process's intra-op thread count (``--threads``; median with
+20th/80th percentiles of the measured blocks, providers interleaved over ``--rounds``); on a GPU from
 ``triton.testing.do_bench(quantiles=[0.5, 0.2, 0.8])``. Triton under the CPU interpreter is not
 timed (it runs numpy, not the kernel). Each row reports the bytes an ideal kernel moves and the
 achieved GB/s.
@@ -13,6 +14,7 @@ Examples::
     python -m benchmarks.bench_kernels                       # every op at its default shape
     python -m benchmarks.bench_kernels --op swiglu --shape 2048x5632
     python -m benchmarks.bench_kernels --op ig_accumulate_linear --shape 20x512x256x704 --dtype bf16
+    python -m benchmarks.bench_kernels --threads 1 --name bench_kernels_1thread   # one CPU thread
 """
 
 from __future__ import annotations

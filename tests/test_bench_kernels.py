@@ -37,3 +37,26 @@ def test_every_op_is_benchmarked(tmp_path, op):
 def test_shape_must_match_the_op():
     with pytest.raises(SystemExit):
         bench_kernels.main(["--op", "swiglu", "--shape", "7x13x5"])
+
+
+def test_threads_are_recorded_and_used(tmp_path, monkeypatch):
+    from torch.utils import benchmark
+
+    seen = []
+    original = benchmark.Timer.__init__
+
+    def spy(self, *args, num_threads=1, **kwargs):
+        seen.append(num_threads)
+        original(self, *args, num_threads=num_threads, **kwargs)
+
+    monkeypatch.setattr(benchmark.Timer, "__init__", spy)
+    bench_kernels.main(["--op", "ig_accumulate", "--shape", TINY["ig_accumulate"], "--no-compile", "--threads", "2",
+                        "--rounds", "2", "--min-run-time", "0.01", "--out", str(tmp_path), "--name", "t"])
+    assert seen and set(seen) == {2}  # not the Timer default of 1
+    assert json.loads((tmp_path / "t.json").read_text())["env"]["threads"] == 2
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--rounds"])
+def test_threads_and_rounds_must_be_positive(flag):
+    with pytest.raises(SystemExit):
+        bench_kernels.main(["--op", "swiglu", flag, "0"])
