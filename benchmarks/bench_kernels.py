@@ -23,6 +23,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ import fastrit.ops as ops
 from fastrit.ops import reference
 
 RESULTS = Path(__file__).parent / "results"
+_SETTINGS = ("THP_MEM_ALLOC_ENABLE", "OMP_NUM_THREADS", "FASTRIT_CPU_GEMM", "CUDA_VISIBLE_DEVICES")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: op -> (default shape, what the numbers mean)
@@ -219,7 +221,7 @@ def time_providers(providers: dict[str, Callable[[], object]], device: str, min_
 
         for name, fn in runnable.items():
             results[name] = tuple(triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8]))
-        return results
+        return dict((name, results[name]) for name in providers)
     from torch.utils import benchmark
 
     # Timer runs its statement with `num_threads` threads (its default is 1, not the process's setting).
@@ -265,8 +267,10 @@ def environment(device: str, threads: int) -> dict:
     return {
         "machine": platform.machine(),
         "processor": platform.processor(),
-        "cpu_count": __import__("os").cpu_count(),
+        "cpu_count": os.cpu_count(),
         "threads": threads,
+        # settings that change the CPU figures (THP_MEM_ALLOC_ENABLE: huge pages for every torch allocation)
+        "env": {name: os.environ[name] for name in _SETTINGS if name in os.environ},
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "python": platform.python_version(),
         "torch": torch.__version__,
