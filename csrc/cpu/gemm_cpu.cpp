@@ -9,8 +9,9 @@
 // a 12 x 32 register tile (24 accumulators) over the 256-deep block, which is multiplied by `scale` on
 // its way out. Meanwhile the micro-kernels prefetch the rows of a that the next group will sum, so the
 // memory traffic of the weighted sum (a is the largest input) overlaps the arithmetic instead of
-// stalling it. Measured here the GEMM alone runs at 75-85 % of the FMA peak, about twice as fast as
-// at::mm's MKL sgemm, whose code path on this (AMD) CPU does not use AVX-512.
+// stalling it. On the 2-core test machine (AMD Zen 5) the GEMM alone (one slice, 512 x 256 @ 256 x 704)
+// reaches 200-230 GFLOP/s on one thread, 85-95 % of a measured FMA peak of 236, and runs 2.2x as fast
+// as at::mm's MKL sgemm, whose code path on this CPU does not use AVX-512.
 
 #include "cpu/gemm_cpu.h"
 
@@ -34,8 +35,8 @@ constexpr int64_t kMR = 12;                // rows of the register tile (12 x 2 
 constexpr int64_t kNR = 32;                // columns of the register tile
 constexpr int64_t kKC = 256;               // depth of a block: a B micro-panel (32 KiB) stays in L1
 constexpr int64_t kNC = 768;               // columns of a packed B block (768 KiB, shared by the threads)
-// Register tiles summed and run together: each B micro-panel loaded into L1 serves both, and the rows
-// prefetched for the next group (2 x 12 rows of every slice) still fit in L2 beside the packed B block.
+// Register tiles summed and run together, so each B micro-panel brought into L1 serves two tiles. (On
+// the 2-core test machine groups of 1, 2 and 4 tiles measured within noise of each other.)
 constexpr int64_t kGroupTiles = 2;
 
 // The dtypes the kernel reads a, b and scale in.
