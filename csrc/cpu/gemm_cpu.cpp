@@ -45,9 +45,14 @@ constexpr int64_t kGroupTiles = 2;
   AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
   AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)
 
-// A float32 buffer owned by the calling thread, grown on demand and kept: a fresh allocation of this
-// size per call would come from mmap and pay its page faults every time.
-float* scratch(std::vector<float>& buffer, int64_t size) {
+// Float32 work buffers owned by the calling thread, grown on demand and kept (a fresh allocation of the
+// packed B block per call would come from mmap and pay its page faults every time). One set per thread,
+// shared by every dtype combination of the kernel.
+enum class Buffer { kPackedB, kSummedA, kTile };
+
+float* thread_buffer(Buffer which, int64_t size) {
+  thread_local std::vector<float> buffers[3];
+  std::vector<float>& buffer = buffers[static_cast<int>(which)];
   if (static_cast<int64_t>(buffer.size()) < size) buffer.resize(size);
   return buffer.data();
 }
@@ -202,8 +207,7 @@ void weighted_gemm_mul_typed(const TA* a, int64_t steps, const float* w, const T
   const int64_t tiles = (m + kMR - 1) / kMR;
   // Small products are not worth waking the other threads for.
   const bool serial = m * n * k < (int64_t{1} << 20);
-  thread_local std::vector<float> b_buffer;
-  float* b_packed = scratch(b_buffer, std::min(n + kNR - 1, kNC) / kNR * kNR * kKC);
+  float* b_packed = thread_buffer(Buffer::kPackedB, std::min(n + kNR - 1, kNC) / kNR * kNR * kKC);
   for (int64_t jc = 0; jc < n; jc += kNC) {
     const int64_t nc = std::min(kNC, n - jc);
     const int64_t panels = (nc + kNR - 1) / kNR;
@@ -218,9 +222,8 @@ void weighted_gemm_mul_typed(const TA* a, int64_t steps, const float* w, const T
       const bool last = pc + kc == k;
       // Each thread gets one contiguous run of tiles, the runs differing by at most one tile.
       at::parallel_for(0, tiles, serial ? tiles : 1, [&](int64_t begin, int64_t end) {
-        thread_local std::vector<float> a_buffer, tile_buffer;
-        float* a_group = scratch(a_buffer, kGroupTiles * kMR * kKC);
-        float* tile = scratch(tile_buffer, kMR * kNR);
+        float* a_group = thread_buffer(Buffer::kSummedA, kGroupTiles * kMR * kKC);
+        float* tile = thread_buffer(Buffer::kTile, kMR * kNR);
         const int64_t row_begin = begin * kMR;
         const int64_t row_end = std::min(m, end * kMR);
         constexpr int64_t kGroupRows = kGroupTiles * kMR;
