@@ -23,6 +23,7 @@
 
 #include "cpu/avx512_utils.h"
 #include "cpu/cpu_common.h"
+#include "cpu/weighted_sum.h"
 
 namespace fastrit::cpu {
 namespace {
@@ -72,47 +73,43 @@ FASTRIT_AVX512 void pack_b_panel(const T* b, int64_t ldb, int64_t kc, int64_t wi
   }
 }
 
-// dst[r * ldd + p] = sum_s w[s] * a[s * step_stride + r * lda + p] for r < rows, p < kc; the rows from
-// `rows` up to `padded_rows` are zero (the register tile's rows past the end of the matrix). Built in
-// pieces of dst that stay in L1 (16 KiB) while every slice of a adds its rows to them, so a is read as
-// S sequential streams of 16 KiB each, and dst is read and written in L1 rather than L2.
+// dst[r * kKC + p] = sum_s w[s] * a[s * step_stride + r * lda + p] for r < rows, p < kc; the rows from
+// `rows` up to `padded_rows` are zero (the register tile's rows past the end of the matrix). dst (a group
+// of tiles, at most 24 KiB) stays in L1 while each slice of a in turn adds its rows to it, so a is read as
+// S sequential streams rather than S short interleaved ones.
 template <typename T>
-FASTRIT_AVX512 void sum_a_block(const T* a, int64_t step_stride, int64_t lda, const float* w, int64_t steps,
-                                int64_t rows, int64_t padded_rows, int64_t kc, float* dst, int64_t ldd) {
-  const int64_t piece_rows = std::max<int64_t>(1, 4096 / kc);
-  for (int64_t r0 = 0; r0 < rows; r0 += piece_rows) {
-    const int64_t r1 = std::min(rows, r0 + piece_rows);
-    for (int64_t s = 0; s < steps; ++s) {
-      const float weight = w[s];
-      const __m512 ws = _mm512_set1_ps(weight);
-      for (int64_t r = r0; r < r1; ++r) {
-        const T* src = a + s * step_stride + r * lda;
-        float* d = dst + r * ldd;
-        int64_t p = 0;
-        if (s == 0) {
-          for (; p + 16 <= kc; p += 16) _mm512_storeu_ps(d + p, _mm512_mul_ps(ws, load16(src + p)));
-          for (; p < kc; ++p) d[p] = weight * load_f32(src[p]);
-        } else {
-          for (; p + 16 <= kc; p += 16) {
-            _mm512_storeu_ps(d + p, _mm512_fmadd_ps(ws, load16(src + p), _mm512_loadu_ps(d + p)));
-          }
-          for (; p < kc; ++p) d[p] = std::fma(weight, load_f32(src[p]), d[p]);
+FASTRIT_AVX512 void sum_group_rows(const T* a, int64_t step_stride, int64_t lda, const float* w, int64_t steps,
+                                int64_t rows, int64_t padded_rows, int64_t kc, float* dst) {
+  for (int64_t s = 0; s < steps; ++s) {
+    const float weight = w[s];
+    const __m512 ws = _mm512_set1_ps(weight);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* src = a + s * step_stride + r * lda;
+      float* d = dst + r * kKC;
+      int64_t p = 0;
+      if (s == 0) {
+        for (; p + 16 <= kc; p += 16) _mm512_storeu_ps(d + p, _mm512_mul_ps(ws, load16(src + p)));
+        for (; p < kc; ++p) d[p] = weight * load_f32(src[p]);
+      } else {
+        for (; p + 16 <= kc; p += 16) {
+          _mm512_storeu_ps(d + p, _mm512_fmadd_ps(ws, load16(src + p), _mm512_loadu_ps(d + p)));
         }
+        for (; p < kc; ++p) d[p] = std::fma(weight, load_f32(src[p]), d[p]);
       }
     }
   }
-  for (int64_t r = rows; r < padded_rows; ++r) std::fill(dst + r * ldd, dst + r * ldd + kc, 0.0f);
+  for (int64_t r = rows; r < padded_rows; ++r) std::fill(dst + r * kKC, dst + r * kKC + kc, 0.0f);
 }
 
 // The rows of a, in every slice, that the next register tile will sum, handed out one cache line at a
 // time to the micro-kernels of the current tile. They prefetch them between their FMAs, so the memory
 // traffic of the weighted sum overlaps the arithmetic of the GEMM instead of stalling it.
 struct PrefetchRows {
-  const char* row_ptr = nullptr;  // start of the current row (slice `slice`, row `row`)
-  const char* slice_ptr = nullptr;
+  const char* row_ptr = nullptr;    // start of the current row
+  const char* slice_ptr = nullptr;  // start of the current slice's first row
   int64_t slice_stride = 0, row_stride = 0;  // bytes
-  int64_t rows = 0, slices = 0, lines_per_row = 0;
-  int64_t slice = 0, row = 0, line = 0;
+  int64_t rows = 0, lines_per_row = 0;
+  int64_t row = 0, line = 0;  // position within the current slice
   int64_t lines_left = 0;
 
   PrefetchRows() = default;
@@ -123,7 +120,6 @@ struct PrefetchRows {
         slice_stride(slice_stride_bytes),
         row_stride(row_stride_bytes),
         rows(row_count),
-        slices(slice_count),
         lines_per_row((row_bytes + 63) / 64),
         lines_left(row_count * slice_count * lines_per_row) {}
 
@@ -135,7 +131,6 @@ struct PrefetchRows {
       line = 0;
       if (++row == rows) {
         row = 0;
-        ++slice;
         slice_ptr += slice_stride;
         row_ptr = slice_ptr;
       } else {
@@ -233,7 +228,7 @@ void weighted_gemm_mul_typed(const TA* a, int64_t steps, const float* w, const T
         for (int64_t row0 = row_begin; row0 < row_end; row0 += kGroupRows) {
           const int64_t rows = std::min(kGroupRows, row_end - row0);
           const int64_t padded_rows = (rows + kMR - 1) / kMR * kMR;
-          sum_a_block(a + row0 * k + pc, m * k, k, w, steps, rows, padded_rows, kc, a_group, kKC);
+          sum_group_rows(a + row0 * k + pc, m * k, k, w, steps, rows, padded_rows, kc, a_group);
           const int64_t next_rows = std::min(kGroupRows, row_end - row0 - rows);
           pf = PrefetchRows(a + (row0 + rows) * k + pc, m * k * sizeof(TA), k * sizeof(TA), next_rows, steps,
                             kc * sizeof(TA));
@@ -285,14 +280,7 @@ void weighted_gemm_mul(const at::Tensor& a, const at::Tensor& weights, const at:
     // Every column block would redo the weighted sum: form it once, then run the GEMM on it.
     summand = at::empty({1, m, k}, a.options().dtype(at::kFloat));
     summand_weights = at::ones({1}, weights.options());
-    AT_DISPATCH_SWITCH(a.scalar_type(), "weighted_gemm_mul_cpu", FASTRIT_GEMM_CASES([&] {
-      const scalar_t* a_p = a.const_data_ptr<scalar_t>();
-      float* sum_p = summand.mutable_data_ptr<float>();
-      const float* w_p = weights.const_data_ptr<float>();
-      at::parallel_for(0, m, std::max<int64_t>(1, kElementwiseGrain / (k * steps)), [&](int64_t begin, int64_t end) {
-        sum_a_block(a_p + begin * k, m * k, k, w_p, steps, end - begin, end - begin, k, sum_p + begin * k, k);
-      });
-    }));
+    weighted_sum(a, weights, summand);
   }
   AT_DISPATCH_SWITCH(summand.scalar_type(), "weighted_gemm_mul_cpu", FASTRIT_GEMM_CASES([&] {
     using TA = scalar_t;

@@ -6,6 +6,7 @@
 #include "checks.h"
 #include "cpu/cpu_common.h"
 #include "cpu/gemm_cpu.h"
+#include "cpu/weighted_sum.h"
 
 namespace fastrit::cpu {
 namespace {
@@ -49,7 +50,8 @@ FASTRIT_CPU_CLONES void scale_piece(const A* __restrict act, float* __restrict a
   for (int64_t j = 0; j < length; ++j) acc[j] = load_f32(act[j]) * acc[j];
 }
 
-// out[j] = sum_k weights[k] * grads[k, j] for the flat [numel] slices of grads [m, numel], float32.
+}  // namespace
+
 void weighted_sum(const at::Tensor& grads, const at::Tensor& weights, at::Tensor& out) {
   const int64_t numel = out.numel();
   const int64_t steps = weights.numel();
@@ -65,6 +67,8 @@ void weighted_sum(const at::Tensor& grads, const at::Tensor& weights, at::Tensor
     });
   });
 }
+
+namespace {
 
 at::Tensor ig_interpolate_cpu(const at::Tensor& base_in, const at::Tensor& direction_in, const at::Tensor& alphas_in) {
   check_ig_interpolate(base_in, direction_in, alphas_in);
