@@ -17,6 +17,13 @@ constexpr float kNF4Code[16] = {FASTRIT_NF4_CODE_VALUES};
 // (code[i] + code[i + 1]) / 2.
 constexpr float nf4_midpoint(int i) { return (kNF4Code[i] + kNF4Code[i + 1]) / 2.0f; }
 
+// bitsandbytes' CUDA quantizer compares against these 15 float32 constants (bit patterns, ascending), read
+// off its compiled dQuantizeNF4 (sm_90 SASS of libbitsandbytes_cuda130.so); four are 1 ulp from the
+// float32 midpoints above. Must equal fastrit/ops/reference.py's NF4_CUDA_THRESHOLDS.
+#define FASTRIT_NF4_CUDA_THRESHOLD_BITS                                                                     \
+  0xBF591CD9u, 0xBF1C5270u, 0xBEEB8480u, 0xBEADEA76u, 0xBE703CECu, 0xBE0D38BCu, 0xBD3A7871u, 0x3D22FAFFu, \
+      0x3DF64863u, 0x3E5067E0u, 0x3E9582D4u, 0x3EC753F9u, 0x3F006D03u, 0x3F248DAFu, 0x3F5C89D9u
+
 // The smallest absmax a block is scaled by (torch's clamp(min=1e-38) on a float32 tensor: the double
 // 1e-38 rounded to float32, a subnormal).
 constexpr float kNF4MinAbsmax = static_cast<float>(1e-38);

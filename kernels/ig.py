@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, cast_out
+from ._common import autotune_configs, cast_out, on_device, size_bucket
 
 # ---------------------------------------------------------------------------------------------------------------------
 # interpolate
@@ -31,10 +31,12 @@ from ._common import autotune_configs, cast_out
         ],
         triton.Config({"BLOCK_D": 256, "BLOCK_M": 4}),
     ),
-    key=["ND", "M"],
+    key=["ND_BUCKET", "M"],
 )
 @triton.jit
-def ig_interpolate_kernel(base, direction, alphas, out, ND, M, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def ig_interpolate_kernel(
+    base, direction, alphas, out, ND, M, ND_BUCKET, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr
+):
     """One program: BLOCK_D elements of base/direction (read once), written for BLOCK_M alphas."""
     i_d = tl.program_id(0)
     i_m = tl.program_id(1)
@@ -51,6 +53,12 @@ def ig_interpolate_kernel(base, direction, alphas, out, ND, M, BLOCK_D: tl.const
         tl.store(p_out, cast_out(b_out, out.dtype.element_ty), mask=m_d & m_k)
 
 
+def ig_interpolate_grid(nd: int, m: int):
+    """The launch grid of :func:`ig_interpolate_kernel` for ``nd`` elements and ``m`` steps."""
+    return lambda meta: (triton.cdiv(nd, meta["BLOCK_D"]), triton.cdiv(m, meta["BLOCK_M"]))
+
+
+@on_device
 def ig_interpolate_fwd(base: torch.Tensor, direction: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
     """``[m, N, D]`` in ``base.dtype``: ``base + alphas[k] * direction`` (float32, bit-exact with the reference)."""
     n, d = base.shape
@@ -59,12 +67,10 @@ def ig_interpolate_fwd(base: torch.Tensor, direction: torch.Tensor, alphas: torc
     nd = n * d
     if out.numel() == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(nd, meta["BLOCK_D"]), triton.cdiv(m, meta["BLOCK_M"]))
-
     # no fused multiply-add: every multiply and add rounds on its own, as in the reference (bit-exact)
-    ig_interpolate_kernel[grid](base, direction, alphas, out, nd, m, enable_fp_fusion=False)
+    ig_interpolate_kernel[ig_interpolate_grid(nd, m)](
+        base, direction, alphas, out, nd, m, size_bucket(nd), enable_fp_fusion=False
+    )
     return out
 
 
@@ -81,10 +87,10 @@ def ig_interpolate_fwd(base: torch.Tensor, direction: torch.Tensor, alphas: torc
         ],
         triton.Config({"BLOCK": 256}),
     ),
-    key=["NI", "M", "HAS_ACT"],
+    key=["NI_BUCKET", "M", "HAS_ACT"],
 )
 @triton.jit
-def ig_weighted_sum_kernel(grads, weights, act, out, NI, M, HAS_ACT: tl.constexpr, BLOCK: tl.constexpr):
+def ig_weighted_sum_kernel(grads, weights, act, out, NI, M, NI_BUCKET, HAS_ACT: tl.constexpr, BLOCK: tl.constexpr):
     """``out[e] = (act[e] *) sum_k weights[k] * grads[k, e]`` over the flattened ``e < NI``, in float32."""
     i_e = tl.program_id(0)
     o_e = i_e.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -102,21 +108,25 @@ def ig_weighted_sum_kernel(grads, weights, act, out, NI, M, HAS_ACT: tl.constexp
     tl.store(out + o_e, b_acc, mask=m_e)
 
 
+def ig_weighted_sum_grid(ni: int):
+    """The launch grid of :func:`ig_weighted_sum_kernel` for ``ni`` output elements."""
+    return lambda meta: (triton.cdiv(ni, meta["BLOCK"]),)
+
+
 def _weighted_sum(grads: torch.Tensor, weights: torch.Tensor, act: torch.Tensor | None) -> torch.Tensor:
     m, n, i = grads.shape
     out = torch.empty((n, i), dtype=torch.float32, device=grads.device)
     ni = n * i
     if ni == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(ni, meta["BLOCK"]),)
-
     has_act = act is not None
-    ig_weighted_sum_kernel[grid](grads, weights, act if has_act else out, out, ni, m, HAS_ACT=has_act)
+    ig_weighted_sum_kernel[ig_weighted_sum_grid(ni)](
+        grads, weights, act if has_act else out, out, ni, m, size_bucket(ni), HAS_ACT=has_act
+    )
     return out
 
 
+@on_device
 def ig_accumulate_fwd(act: torch.Tensor, grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """``[N, I]`` float32: ``act * sum_k weights[k] * grads[k]``."""
     return _weighted_sum(grads, weights, act)
@@ -132,19 +142,23 @@ def ig_accumulate_fwd(act: torch.Tensor, grads: torch.Tensor, weights: torch.Ten
             triton.Config({"BLOCK_N": 16, "BLOCK_I": 128, "BLOCK_H": 64}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK_N": 32, "BLOCK_I": 128, "BLOCK_H": 32}, num_warps=4, num_stages=4),
             triton.Config({"BLOCK_N": 64, "BLOCK_I": 128, "BLOCK_H": 32}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_N": 128, "BLOCK_I": 128, "BLOCK_H": 32}, num_warps=8, num_stages=3),
+            # BLOCK_N = 128 spilled (a 128 x 128 float32 accumulator plus the act tile in the epilogue)
         ],
         triton.Config({"BLOCK_N": 16, "BLOCK_I": 32, "BLOCK_H": 32}),
     ),
-    key=["N", "H", "INTER"],
+    key=["N_BUCKET", "H", "INTER"],
 )
 @triton.jit
 def ig_linear_act_kernel(
-    summed, weight, act, out, N, H, INTER, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr
+    summed, weight, act, out, N, H, INTER, N_BUCKET,
+    BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    """``out[N, I] = act * (summed[N, H] (float32) @ weight[H, I])`` with ``I = INTER``, all in float32."""
-    i_i = tl.program_id(0)
-    i_n = tl.program_id(1)
+    """``out[N, I] = act * (summed[N, H] (float32) @ weight[H, I])`` with ``I = INTER``, all in float32.
+
+    Rows on grid axis 0 (up to 2**31 - 1 programs: any N), the INTER tiles on axis 1.
+    """
+    i_n = tl.program_id(0)
+    i_i = tl.program_id(1)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_i = i_i * BLOCK_I + tl.arange(0, BLOCK_I)
     m_n = o_n < N
@@ -165,6 +179,12 @@ def ig_linear_act_kernel(
     tl.store(p_out, b_act * b_acc, mask=m_out)
 
 
+def ig_linear_act_grid(n: int, i: int):
+    """The launch grid of :func:`ig_linear_act_kernel` for ``n`` rows and ``i`` neurons."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(i, meta["BLOCK_I"]))
+
+
+@on_device
 def ig_accumulate_linear_fwd(
     act: torch.Tensor, grad_resid: torch.Tensor, weight_down: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
@@ -175,10 +195,6 @@ def ig_accumulate_linear_fwd(
     if out.numel() == 0:
         return out
     summed = _weighted_sum(grad_resid, weights, None)  # [N, H] float32
-
-    def grid(meta):
-        return (triton.cdiv(i, meta["BLOCK_I"]), triton.cdiv(n, meta["BLOCK_N"]))
-
-    ig_linear_act_kernel[grid](summed, weight_down, act, out, n, h, i)
+    ig_linear_act_kernel[ig_linear_act_grid(n, i)](summed, weight_down, act, out, n, h, i, size_bucket(n))
     return out
 

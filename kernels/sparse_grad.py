@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, autotune_configs, cast_out
+from ._common import INTERPRET, autotune_configs, cast_out, on_device, size_bucket
 
 _CONFIGS = autotune_configs(
     [
@@ -28,7 +28,7 @@ _CONFIGS = autotune_configs(
 )
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "OUT_F", "IN_F", "K"])
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "OUT_F", "IN_F", "K"])
 @triton.jit
 def row_sparse_grad_kernel(
     grad_out,
@@ -39,6 +39,7 @@ def row_sparse_grad_kernel(
     OUT_F,
     IN_F,
     K,
+    N_BUCKET,
     UPCAST: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -69,7 +70,7 @@ def row_sparse_grad_kernel(
     tl.store(p_out, cast_out(b_acc, out.dtype.element_ty), mask=m_k[:, None] & m_in[None, :])
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "H", "INTER", "K"])
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "H", "INTER", "K"])
 @triton.jit
 def col_sparse_grad_kernel(
     grad_out,
@@ -80,6 +81,7 @@ def col_sparse_grad_kernel(
     H,
     INTER,
     K,
+    N_BUCKET,
     UPCAST: tl.constexpr,
     BLOCK_A: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -117,6 +119,17 @@ def _upcast(a: torch.Tensor, b: torch.Tensor) -> bool:
     return INTERPRET or a.dtype != b.dtype
 
 
+def row_sparse_grad_grid(n_in: int, k: int):
+    """The launch grid of :func:`row_sparse_grad_kernel`: input-column tiles on axis 0, chosen rows on axis 1."""
+    return lambda meta: (triton.cdiv(n_in, meta["BLOCK_B"]), triton.cdiv(k, meta["BLOCK_A"]))
+
+
+def col_sparse_grad_grid(hidden: int, k: int):
+    """The launch grid of :func:`col_sparse_grad_kernel`: output-feature tiles on axis 0, chosen columns on 1."""
+    return lambda meta: (triton.cdiv(hidden, meta["BLOCK_A"]), triton.cdiv(k, meta["BLOCK_B"]))
+
+
+@on_device
 def row_sparse_grad_fwd(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``[k, In]`` in ``x.dtype``: ``grad_out[:, rows]^T @ x`` (float32 accumulation)."""
     n, o = grad_out.shape
@@ -125,14 +138,13 @@ def row_sparse_grad_fwd(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Ten
     out = torch.empty((k, n_in), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(n_in, meta["BLOCK_B"]), triton.cdiv(k, meta["BLOCK_A"]))
-
-    row_sparse_grad_kernel[grid](grad_out, x, rows, out, n, o, n_in, k, UPCAST=_upcast(grad_out, x))
+    row_sparse_grad_kernel[row_sparse_grad_grid(n_in, k)](
+        grad_out, x, rows, out, n, o, n_in, k, size_bucket(n), UPCAST=_upcast(grad_out, x)
+    )
     return out
 
 
+@on_device
 def col_sparse_grad_fwd(grad_out: torch.Tensor, h: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``[H, k]`` in ``h.dtype``: ``grad_out^T @ h[:, cols]`` (float32 accumulation)."""
     n, hidden = grad_out.shape
@@ -141,9 +153,7 @@ def col_sparse_grad_fwd(grad_out: torch.Tensor, h: torch.Tensor, cols: torch.Ten
     out = torch.empty((hidden, k), dtype=h.dtype, device=h.device)
     if out.numel() == 0:
         return out
-
-    def grid(meta):
-        return (triton.cdiv(hidden, meta["BLOCK_A"]), triton.cdiv(k, meta["BLOCK_B"]))
-
-    col_sparse_grad_kernel[grid](grad_out, h, cols, out, n, hidden, n_i, k, UPCAST=_upcast(grad_out, h))
+    col_sparse_grad_kernel[col_sparse_grad_grid(hidden, k)](
+        grad_out, h, cols, out, n, hidden, n_i, k, size_bucket(n), UPCAST=_upcast(grad_out, h)
+    )
     return out

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import autotune_configs, cast_out
+from ._common import autotune_configs, cast_out, on_device, size_bucket
 
 _CONFIGS = autotune_configs(
     [
@@ -28,10 +28,10 @@ def _load_tile(x, o_n, o_i, m, INTER):
     return tl.load(x + o_n[:, None].to(tl.int64) * INTER + o_i[None, :], mask=m, other=0.0).to(tl.float32)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "INTER", "HAS_KEEP"])
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "INTER", "HAS_KEEP"])
 @triton.jit
 def swiglu_fwd_kernel(
-    gate, up, keep, out, N, INTER, HAS_KEEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr
+    gate, up, keep, out, N, INTER, N_BUCKET, HAS_KEEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_I: tl.constexpr
 ):
     i_n = tl.program_id(0)
     i_i = tl.program_id(1)
@@ -50,7 +50,7 @@ def swiglu_fwd_kernel(
     tl.store(p_out, cast_out(b_out, out.dtype.element_ty), mask=m)
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "INTER", "HAS_KEEP"])
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "INTER", "HAS_KEEP"])
 @triton.jit
 def swiglu_bwd_kernel(
     grad_out,
@@ -61,6 +61,7 @@ def swiglu_bwd_kernel(
     d_up,
     N,
     INTER,
+    N_BUCKET,
     HAS_KEEP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_I: tl.constexpr,
@@ -85,12 +86,9 @@ def swiglu_bwd_kernel(
     tl.store(d_gate + o_out, cast_out(b_d_gate, d_gate.dtype.element_ty), mask=m)
 
 
-def _grid(n: int, i: int):
-    def grid(meta):
-        # rows on axis 0 (up to 2**31 - 1 programs), columns on axis 1 (up to 65535)
-        return (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(i, meta["BLOCK_I"]))
-
-    return grid
+def swiglu_grid(n: int, i: int):
+    """The launch grid of both SwiGLU kernels: rows on axis 0 (up to 2**31 - 1 programs), columns on axis 1."""
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(i, meta["BLOCK_I"]))
 
 
 def _keep_arg(keep: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
@@ -100,16 +98,20 @@ def _keep_arg(keep: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor
     return keep.view(torch.uint8) if keep.dtype == torch.bool else keep
 
 
+@on_device
 def swiglu_fwd(gate: torch.Tensor, up: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
     """``[N, I]`` in ``gate.dtype``: ``silu(gate) * up * keep`` (float32 arithmetic)."""
     n, i = gate.shape
     out = torch.empty((n, i), dtype=gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out
-    swiglu_fwd_kernel[_grid(n, i)](gate, up, _keep_arg(keep, gate), out, n, i, HAS_KEEP=keep is not None)
+    swiglu_fwd_kernel[swiglu_grid(n, i)](
+        gate, up, _keep_arg(keep, gate), out, n, i, size_bucket(n), HAS_KEEP=keep is not None
+    )
     return out
 
 
+@on_device
 def swiglu_bwd(
     grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +121,7 @@ def swiglu_bwd(
     d_up = torch.empty((n, i), dtype=gate.dtype, device=gate.device)
     if d_gate.numel() == 0:
         return d_gate, d_up
-    swiglu_bwd_kernel[_grid(n, i)](
-        grad_out, gate, up, _keep_arg(keep, gate), d_gate, d_up, n, i, HAS_KEEP=keep is not None
+    swiglu_bwd_kernel[swiglu_grid(n, i)](
+        grad_out, gate, up, _keep_arg(keep, gate), d_gate, d_up, n, i, size_bucket(n), HAS_KEEP=keep is not None
     )
     return d_gate, d_up

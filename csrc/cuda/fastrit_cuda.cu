@@ -4,8 +4,8 @@
 // float32, outputs are rounded once at the end; grid-stride loops with 64-bit indices; consecutive
 // threads touch consecutive elements (coalesced). GEMMs go to cuBLAS through at::mm (float32 operands,
 // float32 accumulation; TF32 only if the user enabled it for torch matmuls, as for the reference).
-// Where the reference is bit-exact (ig_interpolate, NF4), multiplies and adds use the __f*_rn
-// intrinsics, which nvcc never contracts into FMAs. Semantics: fastrit/ops/reference.py.
+// ig_interpolate is bit-exact with the reference: its multiplies and adds use the __f*_rn intrinsics, which
+// nvcc never contracts into FMAs. NF4 follows bitsandbytes' CUDA kernels (see the NF4 section). Semantics: fastrit/ops/reference.py.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cstdint>
 
 #include "checks.h"
@@ -294,72 +295,81 @@ at::Tensor col_sparse_grad_cuda(const at::Tensor& grad_out_in, const at::Tensor&
 }
 
 // ---- NF4 -----------------------------------------------------------------------------------------------
+//
+// On CUDA tensors fastrit reproduces bitsandbytes' CUDA kernels byte for byte (reference.py, rule "cuda"),
+// which are built with fast math: subnormals flush to zero, absmax ignores NaN and starts from -FLT_MAX, the
+// scale is the approximate reciprocal rcp.approx.ftz.f32 (1/0 = inf: an all-zero block scales to NaN, code
+// 0), and codes count the thresholds strictly below the scaled value. The FTZ multiply and the reciprocal are
+// inline PTX, so that they stay what they are whatever flags this file is compiled with.
 
 __constant__ float c_nf4_code[16] = {FASTRIT_NF4_CODE_VALUES};
-__constant__ float c_nf4_midpoints[15] = {
-    nf4_midpoint(0), nf4_midpoint(1), nf4_midpoint(2),  nf4_midpoint(3),  nf4_midpoint(4),
-    nf4_midpoint(5), nf4_midpoint(6), nf4_midpoint(7),  nf4_midpoint(8),  nf4_midpoint(9),
-    nf4_midpoint(10), nf4_midpoint(11), nf4_midpoint(12), nf4_midpoint(13), nf4_midpoint(14)};
+__constant__ unsigned c_nf4_thresholds[15] = {FASTRIT_NF4_CUDA_THRESHOLD_BITS};
 
-// torch.bucketize(v, midpoints, right=False): the boundaries not >= v (a NaN counts them all: 15). Every
-// thread reads the same boundary at the same time (a constant-cache broadcast).
+__device__ __forceinline__ float flush_subnormal(float x) {
+  return (__float_as_uint(x) & 0x7F800000u) == 0 ? x * 0.0f : x;
+}
+
+__device__ __forceinline__ float mul_ftz(float a, float b) {
+  float out;
+  asm("mul.rn.ftz.f32 %0, %1, %2;" : "=f"(out) : "f"(a), "f"(b));
+  return out;
+}
+
+__device__ __forceinline__ float rcp_approx_ftz(float x) {
+  float out;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(out) : "f"(x));
+  return out;
+}
+
+// The number of thresholds strictly below v (NaN: 0). Every thread reads the same threshold at the same
+// time (a constant-cache broadcast).
 __device__ __forceinline__ unsigned nf4_bucket(float v) {
   unsigned q = 0;
 #pragma unroll
-  for (int i = 0; i < 15; ++i) q += !(c_nf4_midpoints[i] >= v);
+  for (int i = 0; i < 15; ++i) q += v > __uint_as_float(c_nf4_thresholds[i]);
   return q;
 }
 
-__device__ __forceinline__ float clamp_absmax(float m) { return m < kNF4MinAbsmax ? kNF4MinAbsmax : m; }
+// What a block's maximum is taken over: |x| flushed, NaN as -FLT_MAX (ignored, as fmaxf does).
+__device__ __forceinline__ float nf4_magnitude(float x) {
+  return x != x ? -FLT_MAX : fabsf(flush_subnormal(x));
+}
 
-// absmax of each block: one warp per block. Maximum over the bits of |x| (for non-negative floats the
-// unsigned order is the float order, and every NaN sorts above inf, so a NaN propagates like torch.amax).
-// The final partial block stores its absmax clamped to >= 1e-38, as the reference.
+// absmax of each block: one warp per block, from -FLT_MAX; the final partial block also sees its 0.0
+// padding. Stored as it is (0 for an all-zero block, -FLT_MAX for a full block of NaN).
 template <typename T>
 __global__ void nf4_absmax_kernel(const T* __restrict__ weight, int64_t numel, int64_t blocksize, int64_t blocks,
-                                  int64_t full_blocks, float* __restrict__ absmax) {
+                                  float* __restrict__ absmax) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + threadIdx.x / 32; b < blocks; b += warps) {
     const int64_t start = b * blocksize;
     const int64_t stop = start + blocksize < numel ? start + blocksize : numel;
-    unsigned bits = 0;
-    for (int64_t e = start + lane; e < stop; e += 32) bits = max(bits, __float_as_uint(to_f32(weight[e])) & 0x7FFFFFFFu);
+    float m = stop - start < blocksize ? 0.0f : -FLT_MAX;
+    for (int64_t e = start + lane; e < stop; e += 32) m = fmaxf(m, nf4_magnitude(to_f32(weight[e])));
 #pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) bits = max(bits, __shfl_xor_sync(0xFFFFFFFFu, bits, offset));
-    if (lane == 0) {
-      const float m = __uint_as_float(bits);
-      absmax[b] = b < full_blocks ? m : clamp_absmax(m);
-    }
+    for (int offset = 16; offset > 0; offset /= 2) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, offset));
+    if (lane == 0) absmax[b] = m;
   }
 }
 
-// One byte (two elements) per thread: a full block's element times the reciprocal of its clamped absmax,
-// the partial block's divided by its (stored, clamped) absmax; the padding element of an odd count is 0.
+// One byte (two elements) per thread: element times rcp.approx.ftz(absmax) with an FTZ multiply; the
+// padding element of an odd count is 0.0.
 template <typename T>
 __global__ void nf4_quantize_kernel(const T* __restrict__ weight, int64_t numel, int64_t blocksize,
-                                    int64_t full_blocks, const float* __restrict__ absmax, int64_t bytes,
-                                    uint8_t* __restrict__ packed) {
+                                    const float* __restrict__ absmax, int64_t bytes, uint8_t* __restrict__ packed) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < bytes;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    unsigned codes[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t e = 2 * i + h;
-      float scaled = 0.0f;
-      if (e < numel) {
-        const int64_t b = e / blocksize;
-        const float x = to_f32(weight[e]);
-        scaled = b < full_blocks ? __fmul_rn(x, __fdiv_rn(1.0f, clamp_absmax(absmax[b]))) : __fdiv_rn(x, absmax[b]);
-      }
-      codes[h] = nf4_bucket(scaled);
-    }
-    packed[i] = static_cast<uint8_t>((codes[0] << 4) | codes[1]);
+    const int64_t e = 2 * i;
+    const float inverse = rcp_approx_ftz(absmax[e / blocksize]);  // both elements: one block (blocksize even)
+    const float x0 = to_f32(weight[e]);
+    const float x1 = e + 1 < numel ? to_f32(weight[e + 1]) : 0.0f;
+    packed[i] = static_cast<uint8_t>((nf4_bucket(mul_ftz(x0, inverse)) << 4) | nf4_bucket(mul_ftz(x1, inverse)));
   }
 }
 
-// One byte (two elements) per thread: code[q] * absmax[block], cast. The code table is copied to shared
-// memory: threads of a warp index it at random, which the constant cache would serialise.
+// One byte (two elements) per thread: code[q] * absmax[block] (FTZ multiply), cast. The code table is
+// copied to shared memory: threads of a warp index it at random, which the constant cache would serialise.
 template <typename T>
 __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                                       int64_t numel, int64_t blocksize, T* __restrict__ out) {
@@ -371,8 +381,8 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const 
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const unsigned byte = packed[i];
     const int64_t e = 2 * i;
-    out[e] = from_f32<T>(__fmul_rn(code[byte >> 4], absmax[e / blocksize]));
-    if (e + 1 < numel) out[e + 1] = from_f32<T>(__fmul_rn(code[byte & 0xF], absmax[(e + 1) / blocksize]));
+    out[e] = from_f32<T>(mul_ftz(code[byte >> 4], absmax[e / blocksize]));
+    if (e + 1 < numel) out[e + 1] = from_f32<T>(mul_ftz(code[byte & 0xF], absmax[(e + 1) / blocksize]));
   }
 }
 
@@ -382,7 +392,6 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight_in
   const at::Tensor weight = weight_in.contiguous();
   const int64_t numel = weight.numel();
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
-  const int64_t full_blocks = numel / blocksize;
   const int64_t bytes = (numel + 1) / 2;
   at::Tensor packed = at::empty({bytes, 1}, weight.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({blocks}, weight.options().dtype(at::kFloat));
@@ -391,11 +400,10 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& weight_in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "nf4_quantize_cuda", [&] {
     const scalar_t* w = weight.const_data_ptr<scalar_t>();
     nf4_absmax_kernel<scalar_t><<<blocks_for(blocks * 32), kThreads, 0, stream>>>(w, numel, blocksize, blocks,
-                                                                                  full_blocks,
                                                                                   absmax.mutable_data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     nf4_quantize_kernel<scalar_t><<<blocks_for(bytes), kThreads, 0, stream>>>(
-        w, numel, blocksize, full_blocks, absmax.const_data_ptr<float>(), bytes, packed.mutable_data_ptr<uint8_t>());
+        w, numel, blocksize, absmax.const_data_ptr<float>(), bytes, packed.mutable_data_ptr<uint8_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {packed, absmax};

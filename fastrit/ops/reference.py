@@ -6,11 +6,23 @@ Contracts (all backends):
 - shapes are exactly as documented; nothing is broadcast implicitly.
 
 NF4 follows bitsandbytes' format exactly: blocks of ``blocksize`` consecutive elements of the flattened
-weight, ``absmax`` per block (float32), each element scaled by ``1 / absmax`` (the last, partial block:
-divided by its absmax clamped to >= 1e-38), clamped to [-1, 1] and mapped to the NF4 code whose
-bucket holds it (buckets split at the midpoints of consecutive codes; a value on a midpoint goes to the
-lower code), two codes per byte with the even element in the high nibble, stored as uint8
-``[(numel + 1) // 2, 1]``. Dequantization is ``code[q] * absmax`` in float32, then cast.
+weight, ``absmax`` per block (float32), two codes per byte with the even element in the high nibble, stored
+as uint8 ``[(numel + 1) // 2, 1]``; an odd numel pads one ``0.0`` element. bitsandbytes' own CPU and CUDA
+kernels round differently, so the NF4 functions take a ``rule`` ("cpu" or "cuda"; default: the tensor's
+device type) and every fastrit backend applies the rule of the tensor's device:
+
+- "cpu" (bitsandbytes' CPU backend): each element of a full block is multiplied by ``1 / max(absmax, 1e-38)``,
+  the final partial block divided by its absmax clamped to >= 1e-38 (the clamped value is stored), clamped
+  to [-1, 1] and mapped to the number of code midpoints ``(code[i] + code[i + 1]) / 2`` (float32) below it.
+  Dequantization: ``code[q] * absmax`` in float32, then cast.
+- "cuda" (bitsandbytes' CUDA kernels, built with fast math; read off their sm_90 SASS): subnormals flush to
+  zero (FTZ) in every float operation; absmax is the maximum of ``|x|`` ignoring NaN, starting from
+  ``-FLT_MAX`` (a partial block also sees its 0.0 padding), stored as it is (0 for an all-zero block);
+  each element is multiplied by the approximate reciprocal of absmax (``rcp.approx.ftz.f32``: 1/0 = inf,
+  so an all-zero block scales to NaN) and its code is the number of :data:`NF4_CUDA_THRESHOLDS` strictly
+  below it (NaN: code 0). Dequantization: ``code[q] * absmax`` in float32 with FTZ, then cast. This module
+  computes the reciprocal correctly rounded (PyTorch has no approximate one): the GPU kernels, which use
+  the hardware instruction, can differ from it where a scaled value lies within an ulp of a threshold.
 """
 
 from __future__ import annotations
@@ -20,6 +32,9 @@ import torch.nn.functional as F
 
 __all__ = [
     "NF4_CODE",
+    "NF4_CUDA_THRESHOLDS",
+    "NF4_RULES",
+    "nf4_rule",
     "ig_interpolate",
     "ig_accumulate",
     "ig_accumulate_linear",
@@ -50,6 +65,16 @@ NF4_CODE = (
     0.7229568362236023,
     1.0,
 )
+
+#: The 15 bucket thresholds of bitsandbytes' CUDA quantizer, as float32 bit patterns (ascending): the
+#: immediates its compiled ``dQuantizeNF4`` compares against (four are 1 ulp off the midpoints of NF4_CODE).
+NF4_CUDA_THRESHOLDS = (
+    0xBF591CD9, 0xBF1C5270, 0xBEEB8480, 0xBEADEA76, 0xBE703CEC, 0xBE0D38BC, 0xBD3A7871, 0x3D22FAFF,
+    0x3DF64863, 0x3E5067E0, 0x3E9582D4, 0x3EC753F9, 0x3F006D03, 0x3F248DAF, 0x3F5C89D9,
+)
+
+#: The NF4 rounding rules: bitsandbytes' CPU backend and its CUDA kernels.
+NF4_RULES = ("cpu", "cuda")
 
 
 def ig_interpolate(base: torch.Tensor, direction: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -131,8 +156,35 @@ def _nf4_code(device: torch.device) -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
-def nf4_quantize_blocks(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nf4_rule(device: torch.device, rule: str | None = None) -> str:
+    """``rule`` checked, or the rule of tensors on ``device``: "cuda" on CUDA devices, "cpu" elsewhere."""
+    if rule is None:
+        return "cuda" if device.type == "cuda" else "cpu"
+    if rule not in NF4_RULES:
+        raise ValueError(f"rule: expected one of {NF4_RULES}, got {rule!r}")
+    return rule
+
+
+def nf4_cuda_thresholds(device: torch.device) -> torch.Tensor:
+    """:data:`NF4_CUDA_THRESHOLDS` as float32 ``[15]`` on ``device``."""
+    return torch.tensor(NF4_CUDA_THRESHOLDS, dtype=torch.int64).to(torch.int32).view(torch.float32).to(device)
+
+
+_FLT_MIN = torch.finfo(torch.float32).tiny
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
+def flush_subnormal(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` with subnormals replaced by a zero of the same sign (FTZ)."""
+    return torch.where(x.abs() < _FLT_MIN, x * 0.0, x)
+
+
+def nf4_quantize_blocks(
+    weight: torch.Tensor, blocksize: int, rule: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(packed uint8 [(numel + 1) // 2, 1], absmax float32 [ceil(numel / blocksize)])`` of ``weight``."""
+    if nf4_rule(weight.device, rule) == "cuda":
+        return _nf4_quantize_cuda_rule(weight, blocksize)
     flat = weight.reshape(-1).float()
     n = flat.numel()
     full = n - n % blocksize
@@ -150,8 +202,27 @@ def nf4_quantize_blocks(weight: torch.Tensor, blocksize: int) -> tuple[torch.Ten
     return ((q[0::2] << 4) | q[1::2]).unsqueeze(1), absmax
 
 
+def _nf4_quantize_cuda_rule(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = flush_subnormal(weight.reshape(-1).float())
+    n = flat.numel()
+    n_blocks = -(-n // blocksize)
+    # the partial block's padding reads as 0.0 (it takes part in the maximum; an odd numel's pad is coded)
+    padded = F.pad(flat, (0, n_blocks * blocksize - n)).reshape(n_blocks, blocksize)
+    magnitude = torch.where(padded.isnan(), -_FLT_MAX, padded.abs())
+    absmax = magnitude.amax(dim=-1) if n else flat.new_zeros(0)
+    inverse = flush_subnormal(1.0 / absmax)  # 1 / 0 = inf, 1 / -FLT_MAX flushes to -0.0
+    scaled = flush_subnormal(padded * inverse[:, None]).reshape(-1)[: n + n % 2]
+    q = (scaled[:, None] > nf4_cuda_thresholds(flat.device)[None, :]).sum(dim=1).to(torch.uint8)  # NaN: 0
+    return ((q[0::2] << 4) | q[1::2]).unsqueeze(1), absmax
+
+
 def nf4_dequantize_blocks(
-    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape: torch.Size | tuple, dtype: torch.dtype
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    shape: torch.Size | tuple,
+    dtype: torch.dtype,
+    rule: str | None = None,
 ) -> torch.Tensor:
     """The weight of ``shape`` and ``dtype`` from :func:`nf4_quantize_blocks`' output (absmax float32)."""
     n = 1
@@ -160,5 +231,7 @@ def nf4_dequantize_blocks(
     flat = packed.reshape(-1)
     q = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
     values = _nf4_code(flat.device)[q]
-    block = torch.arange(n, device=flat.device) // blocksize
-    return (values * absmax.float()[block]).reshape(shape).to(dtype)
+    scale = absmax.float()[torch.arange(n, device=flat.device) // blocksize]
+    if nf4_rule(packed.device, rule) == "cuda":
+        return flush_subnormal(values * flush_subnormal(scale)).reshape(shape).to(dtype)
+    return (values * scale).reshape(shape).to(dtype)
