@@ -6,28 +6,38 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.14.1
 STAMP := $(VENV)/.fastrit-installed
 
-.PHONY: install test bench lint clean
+.PHONY: install test gpu-test bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip setuptools wheel
 
-# The compiled extension fastrit._C: one CUDA architecture by default (each costs minutes of nvcc);
-# e.g. `make install TORCH_CUDA_ARCH_LIST="8.0;8.6;9.0"` for more.
-TORCH_CUDA_ARCH_LIST ?= 9.0
+# The compiled extension fastrit._C. With a GPU visible, setup.py builds for that GPU's architecture; without
+# one, one architecture plus its PTX (each architecture costs minutes of nvcc; the PTX lets any newer GPU JIT
+# the kernels). E.g. `make install TORCH_CUDA_ARCH_LIST="8.0;8.6;9.0"` for more (PTX of the newest is added).
+ifeq ($(origin TORCH_CUDA_ARCH_LIST),undefined)
+ARCH_ENV := $(shell nvidia-smi -L >/dev/null 2>&1 || echo 'TORCH_CUDA_ARCH_LIST=9.0+PTX')
+else
+ARCH_ENV := TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)"
+endif
 MAX_JOBS ?= 2
 EXT_SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cpp csrc/*/*.h csrc/*/*.cu)
 
 # torch first, so that the package (and its extension) builds against the venv's torch.
-$(STAMP): $(PY) setup.py $(EXT_SOURCES)
+$(STAMP): $(PY) setup.py build_cuda.py $(EXT_SOURCES)
 	$(PIP) install torch==$(TORCH_VERSION)
-	TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation -e ".[test]"
+	$(ARCH_ENV) MAX_JOBS=$(MAX_JOBS) $(PIP) install --no-build-isolation -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Every GPU test (tests marked gpu: the kernels on CUDA tensors against the reference and bitsandbytes' CUDA
+# kernels, the attribution engine on CUDA), with the Triton interpreter off. Needs a CUDA GPU.
+gpu-test: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu -rs tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_attribution

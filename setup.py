@@ -6,59 +6,23 @@ anything compiled here builds against the torch already in the environment.
 
 import glob
 import os
-import re
 import shutil
-import subprocess
 import sys
-import sysconfig
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _toolkit_root_from_nvcc(nvcc: str) -> str | None:
-    """The CUDA toolkit root as nvcc itself sees it (the ``TOP=`` line of a dry run).
-
-    The ``nvcc`` on PATH may be a wrapper script elsewhere; torch would then guess CUDA_HOME as the
-    wrapper's grandparent folder, which holds no libcudart.
-    """
-    try:
-        run = subprocess.run(
-            [nvcc, "--dryrun", "-v", "-x", "cu", "-c", os.devnull],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for line in (run.stdout + run.stderr).splitlines():
-        match = re.match(r"^#\$\s*TOP=(.+)$", line.strip())
-        if match:
-            return os.path.realpath(match.group(1).strip())
-    return None
-
-
-def _nvidia_wheel_includes(cuda_major: str) -> list[str]:
-    """Include folders of the pip-installed CUDA wheels (``nvidia/cu<major>/include``).
-
-    torch's CUDA headers include cusparse.h, cublas_v2.h, ...; a bare toolkit may lack them while the
-    wheels torch depends on ship them.
-    """
-    roots = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path]
-    includes: list[str] = []
-    for root in dict.fromkeys(roots):
-        include = os.path.realpath(os.path.join(root or ".", "nvidia", f"cu{cuda_major}", "include"))
-        if os.path.isdir(include) and include not in includes:
-            includes.append(include)
-    return includes
+sys.path.insert(0, ROOT)
+from build_cuda import nvidia_wheel_includes, ptx_arch, resolve_arch_list, toolkit_root_from_nvcc  # noqa: E402
 
 
 def _extensions() -> tuple[list, dict]:
     """``fastrit._C`` (C++ CPU kernels, plus CUDA kernels when torch and nvcc allow), or nothing.
 
     Environment: FASTRIT_BUILD_EXT=0 skips the extension; FASTRIT_BUILD_CUDA=0 builds the CPU part
-    only; TORCH_CUDA_ARCH_LIST defaults to "8.0;8.6;9.0"; MAX_JOBS (parallel compiles) to 2.
+    only; TORCH_CUDA_ARCH_LIST defaults to the visible GPUs' architectures, or to "8.0;8.6;9.0+PTX" without
+    a GPU, and always gets PTX of its newest architecture (build_cuda.resolve_arch_list); MAX_JOBS (parallel
+    compiles) defaults to 2.
     """
     if os.environ.get("FASTRIT_BUILD_EXT", "1") == "0":
         return [], {}
@@ -71,7 +35,7 @@ def _extensions() -> tuple[list, dict]:
     nvcc = shutil.which("nvcc")
     with_cuda = bool(torch.version.cuda) and os.environ.get("FASTRIT_BUILD_CUDA", "1") != "0"
     if with_cuda and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
-        root = _toolkit_root_from_nvcc(nvcc) if nvcc else None
+        root = toolkit_root_from_nvcc(nvcc) if nvcc else None
         if root is None:
             with_cuda = False
         else:
@@ -95,13 +59,18 @@ def _extensions() -> tuple[list, dict]:
         extra_link_args=["-fopenmp"],
     )
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0")
+        visible = [torch.cuda.get_device_capability(d) for d in range(torch.cuda.device_count())]
+        arch_list = resolve_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"), visible)
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+        print(f"fastrit: building CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list}", file=sys.stderr)
         sources += relative("csrc/cuda/*.cu")
-        wheel_includes = _nvidia_wheel_includes(torch.version.cuda.split(".")[0])
+        wheel_includes = nvidia_wheel_includes(torch.version.cuda.split(".")[0])
         # The toolkit's own headers first, the wheels' only for what the toolkit lacks (cusparse.h, ...).
         kwargs["include_dirs"] += [os.path.join(cpp_extension.CUDA_HOME, "include"), *wheel_includes]
         # nvcc: no --use_fast_math (NF4 must stay bit-exact).
-        kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]}
+        # the architecture built as PTX, which fastrit.backends() reads back (the SASS ones: __CUDA_ARCH_LIST__)
+        nvcc_flags = ["-O3", "-lineinfo", f"-DFASTRIT_CUDA_PTX_ARCH={ptx_arch(arch_list)}"]
+        kwargs["extra_compile_args"] = {"cxx": cxx_flags, "nvcc": nvcc_flags}
         extension = cpp_extension.CUDAExtension("fastrit._C", sources, **kwargs)
     else:
         kwargs["extra_compile_args"] = {"cxx": cxx_flags}

@@ -86,14 +86,19 @@ def on_device(launcher):
 def flush_subnormal(b_x):
     """float32 ``b_x`` with subnormals replaced by a zero of the same sign (what FTZ does to an operand)."""
     b_bits = b_x.to(tl.uint32, bitcast=True)
-    return tl.where((b_bits & 0x7F800000) == 0, b_x * 0.0, b_x)
+    return tl.where((b_bits & 0x7F800000) == 0, (b_bits & 0x80000000).to(tl.float32, bitcast=True), b_x)
 
 
 @triton.jit
 def mul_ftz(b_a, b_b):
     """float32 ``b_a * b_b`` rounded to nearest, subnormal operands and result flushed (``mul.rn.ftz.f32``)."""
     if _INTERPRET:
-        return flush_subnormal(flush_subnormal(b_a) * flush_subnormal(b_b))
+        b_a = flush_subnormal(b_a)
+        b_b = flush_subnormal(b_b)
+        # 0 * inf is NaN, made here without numpy's "invalid value" warning
+        b_nan = ((b_a == 0.0) & (tl.abs(b_b) == float("inf"))) | ((b_b == 0.0) & (tl.abs(b_a) == float("inf")))
+        b_prod = tl.where(b_nan, 0.0, b_a) * tl.where(b_nan, 0.0, b_b)
+        return tl.where(b_nan, float("nan"), flush_subnormal(b_prod))
     else:
         return tl.inline_asm_elementwise(
             "mul.rn.ftz.f32 $0, $1, $2;", "=r,r,r", [b_a, b_b], dtype=tl.float32, is_pure=True, pack=1

@@ -139,10 +139,11 @@ def ig_accumulate_fwd(act: torch.Tensor, grads: torch.Tensor, weights: torch.Ten
 @triton.autotune(
     configs=autotune_configs(
         [
-            triton.Config({"BLOCK_N": 16, "BLOCK_I": 128, "BLOCK_H": 64}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_N": 32, "BLOCK_I": 128, "BLOCK_H": 32}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_N": 64, "BLOCK_I": 128, "BLOCK_H": 32}, num_warps=8, num_stages=3),
-            # BLOCK_N = 128 spilled (a 128 x 128 float32 accumulator plus the act tile in the epilogue)
+            # float32 IEEE dots (FMA, not tensor cores): larger tiles, or 4 stages, spill on sm_80 / sm_90
+            triton.Config({"BLOCK_N": 16, "BLOCK_I": 128, "BLOCK_H": 32}, num_warps=4, num_stages=3),
+            triton.Config({"BLOCK_N": 32, "BLOCK_I": 128, "BLOCK_H": 32}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "BLOCK_I": 128, "BLOCK_H": 16}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_N": 32, "BLOCK_I": 64, "BLOCK_H": 16}, num_warps=4, num_stages=2),
         ],
         triton.Config({"BLOCK_N": 16, "BLOCK_I": 32, "BLOCK_H": 32}),
     ),

@@ -16,19 +16,40 @@ import triton.language as tl
 
 from ._common import INTERPRET, autotune_configs, cast_out, on_device, size_bucket
 
-_CONFIGS = autotune_configs(
-    [
-        triton.Config({"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_A": 64, "BLOCK_B": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_A": 128, "BLOCK_B": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_A": 128, "BLOCK_B": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_A": 32, "BLOCK_B": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
-    ],
-    triton.Config({"BLOCK_A": 16, "BLOCK_B": 32, "BLOCK_N": 16}),
-)
+# 16-bit operands: tensor-core dots
+_CONFIGS_16 = [
+    triton.Config({"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_A": 64, "BLOCK_B": 128, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_A": 128, "BLOCK_B": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_A": 128, "BLOCK_B": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_A": 32, "BLOCK_B": 64, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+]
+# float32 operands (IEEE, so FMA dots, not tensor cores): the tiles above spill registers on sm_80 and sm_90
+_CONFIGS_32 = [
+    triton.Config({"BLOCK_A": 64, "BLOCK_B": 64, "BLOCK_N": 16}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_A": 32, "BLOCK_B": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_A": 32, "BLOCK_B": 32, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_A": 64, "BLOCK_B": 128, "BLOCK_N": 16}, num_warps=8, num_stages=3),
+]
+_CONFIGS = autotune_configs(_CONFIGS_16 + _CONFIGS_32, triton.Config({"BLOCK_A": 16, "BLOCK_B": 32, "BLOCK_N": 16}))
 
 
-@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "OUT_F", "IN_F", "K"])
+def configs_for(float32_operands: bool) -> list[triton.Config]:
+    """The GPU autotune configs of the sparse-gradient kernels for float32 or 16-bit dot operands."""
+    return _CONFIGS_32 if float32_operands else _CONFIGS_16
+
+
+def _prune(configs, named_args, **kwargs):
+    if INTERPRET:
+        return configs
+    float32 = bool(kwargs.get("UPCAST")) or named_args["grad_out"].dtype == torch.float32
+    return [config for config in configs if config in configs_for(float32)]
+
+
+_PRUNE = {"early_config_prune": _prune}
+
+
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "OUT_F", "IN_F", "K", "UPCAST"], prune_configs_by=_PRUNE)
 @triton.jit
 def row_sparse_grad_kernel(
     grad_out,
@@ -70,7 +91,7 @@ def row_sparse_grad_kernel(
     tl.store(p_out, cast_out(b_acc, out.dtype.element_ty), mask=m_k[:, None] & m_in[None, :])
 
 
-@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "H", "INTER", "K"])
+@triton.autotune(configs=_CONFIGS, key=["N_BUCKET", "H", "INTER", "K", "UPCAST"], prune_configs_by=_PRUNE)
 @triton.jit
 def col_sparse_grad_kernel(
     grad_out,

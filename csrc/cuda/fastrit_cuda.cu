@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "nf4_code.h"
@@ -427,8 +429,27 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed_in, const at::Tensor& ab
   return out;
 }
 
+// The architectures this file was compiled for: SASS (nvcc's __CUDA_ARCH_LIST__, e.g. 800,860,900 -> 80, 86,
+// 90) and PTX (setup.py's FASTRIT_CUDA_PTX_ARCH, 0 if none), read by fastrit.backends() to tell whether the
+// GPU at hand can run these kernels.
+#ifndef FASTRIT_CUDA_PTX_ARCH
+#define FASTRIT_CUDA_PTX_ARCH 0
+#endif
+
+std::tuple<std::vector<int64_t>, std::vector<int64_t>> cuda_archs() {
+  std::vector<int64_t> sass;
+#ifdef __CUDA_ARCH_LIST__
+  for (const int64_t arch : {__CUDA_ARCH_LIST__}) sass.push_back(arch / 10);
+#endif
+  std::vector<int64_t> ptx;
+  if (FASTRIT_CUDA_PTX_ARCH > 0) ptx.push_back(FASTRIT_CUDA_PTX_ARCH);
+  return {sass, ptx};
+}
+
 }  // namespace
 }  // namespace fastrit::cuda
+
+TORCH_LIBRARY_FRAGMENT(fastrit, m) { m.def("cuda_archs() -> (int[], int[])", &fastrit::cuda::cuda_archs); }
 
 TORCH_LIBRARY_IMPL(fastrit, CUDA, m) {
   m.impl("ig_interpolate", &fastrit::cuda::ig_interpolate_cuda);

@@ -1,7 +1,9 @@
 """Which backends exist, why not, and which one an op call uses.
 
-``"auto"`` picks cuda, then triton, on CUDA tensors and cpp, then torch, on CPU tensors. Nothing
-here initialises CUDA or compiles a kernel at import time.
+``"auto"`` picks cuda, then triton, on CUDA tensors and cpp, then torch, on CPU tensors. The cuda backend
+counts as available on a device only when the extension holds kernels that device can run: SASS of its
+architecture (same major version, minor not above the device's) or PTX of an architecture not above it,
+which the driver compiles. Nothing here initialises CUDA or compiles a kernel at import time.
 """
 
 from __future__ import annotations
@@ -45,22 +47,59 @@ def _triton_status() -> str:
     return "available"
 
 
-def backends() -> dict[str, str]:
-    """For each backend name, ``"available"`` or the reason it is not."""
+@functools.cache
+def cuda_build_archs() -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(SASS architectures, PTX architectures)`` the extension's CUDA kernels were compiled for (e.g.
+    ``((80, 86, 90), (90,))``); empty without CUDA kernels."""
+    if extension_status() != "loaded" or not hasattr(torch.ops.fastrit, "cuda_archs"):
+        return (), ()
+    sass, ptx = torch.ops.fastrit.cuda_archs()
+    return tuple(sass), tuple(ptx)
+
+
+def _arch_names(archs: tuple[int, ...], prefix: str) -> str:
+    return ", ".join(f"{prefix}_{a}" for a in archs) or "none"
+
+
+def cuda_kernels_run_on(capability: tuple[int, int], sass: tuple[int, ...], ptx: tuple[int, ...]) -> str:
+    """``"available"`` if kernels built as ``sass`` / ``ptx`` architectures run on a GPU of ``capability``,
+    else the reason (the architectures built and the device's)."""
+    major, minor = capability
+    device = 10 * major + minor
+    if any(a // 10 == major and a % 10 <= minor for a in sass) or any(a <= device for a in ptx):
+        return "available"
+    return (
+        f"the extension's CUDA kernels were built for {_arch_names(sass, 'sm')} (SASS) and "
+        f"{_arch_names(ptx, 'compute')} (PTX), none of which runs on this GPU (compute capability "
+        f"{major}.{minor}); rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\""
+    )
+
+
+def _cuda_status(device: torch.device | None) -> str:
+    ext = extension_status()
+    if ext != "loaded":
+        return ext
+    if not _has_kernel("CUDA"):
+        return "extension built without CUDA kernels"
+    if not torch.cuda.is_available():
+        return "compiled, no CUDA device"
+    index = device.index if device is not None and device.type == "cuda" else None
+    return cuda_kernels_run_on(torch.cuda.get_device_capability(index), *cuda_build_archs())
+
+
+def backends(device: torch.device | str | None = None) -> dict[str, str]:
+    """For each backend name, ``"available"`` or the reason it is not.
+
+    ``device``: the CUDA device the cuda backend must run on (default: the current one).
+    """
+    device = torch.device(device) if isinstance(device, str) else device
     status = {"torch": "available", "triton": _triton_status()}
     ext = extension_status()
     if ext != "loaded":
         status["cpp"] = ext
     else:
         status["cpp"] = "available" if _has_kernel("CPU") else "no CPU kernels in the extension"
-    if ext != "loaded":
-        status["cuda"] = ext
-    elif not _has_kernel("CUDA"):
-        status["cuda"] = "extension built without CUDA kernels"
-    elif not torch.cuda.is_available():
-        status["cuda"] = "compiled, no CUDA device"
-    else:
-        status["cuda"] = "available"
+    status["cuda"] = _cuda_status(device)
     return status
 
 
@@ -68,7 +107,7 @@ def choose(backend: str, device: torch.device) -> str:
     """The backend an op on ``device`` runs with; ValueError naming ``backend`` if it cannot."""
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend: expected one of auto, {', '.join(BACKENDS)}, got {backend!r}")
-    status = backends()
+    status = backends(device)
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpp", "torch")
         return next(name for name in order if status[name] == "available")

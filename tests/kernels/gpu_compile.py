@@ -47,6 +47,7 @@ class Case:
     options: dict = field(default_factory=dict)
     grids: list = field(default_factory=list)  # grid functions of meta at the 8B shapes
     needs_rcp: bool = False
+    configs: list | None = None  # the configs the autotuner keeps for this case (default: all of them)
 
 
 def _cases(kernels) -> list[Case]:
@@ -61,20 +62,27 @@ def _cases(kernels) -> list[Case]:
             options={"enable_fp_fusion": False},
             grids=[ig.ig_interpolate_grid(n * i, STEPS_8B)],
         ))
+    # the sparse gradients: same dtypes (tensor cores for bf16, FMA for fp32), and bf16 x fp32 (upcast)
+    for g, x, upcast in (("bf16", "bf16", False), ("fp32", "fp32", False), ("bf16", "fp32", True)):
+        configs = sparse.configs_for(upcast or g == "fp32")
         cases.append(Case(
-            f"row_sparse_grad {dt}", sparse.row_sparse_grad_kernel,
-            {"grad_out": p, "x": p, "rows": "*i64", "out": p, "N": "i32", "OUT_F": "i32", "IN_F": "i32", "K": "i32",
-             "N_BUCKET": "i32"},
-            {"UPCAST": False},
+            f"row_sparse_grad {g} x {x}", sparse.row_sparse_grad_kernel,
+            {"grad_out": PTR[g], "x": PTR[x], "rows": "*i64", "out": PTR[x], "N": "i32", "OUT_F": "i32",
+             "IN_F": "i32", "K": "i32", "N_BUCKET": "i32"},
+            {"UPCAST": upcast},
             grids=[sparse.row_sparse_grad_grid(h, i), sparse.row_sparse_grad_grid(i, h)],
+            configs=configs,
         ))
         cases.append(Case(
-            f"col_sparse_grad {dt}", sparse.col_sparse_grad_kernel,
-            {"grad_out": p, "h": p, "cols": "*i64", "out": p, "N": "i32", "H": "i32", "INTER": "i32", "K": "i32",
-             "N_BUCKET": "i32"},
-            {"UPCAST": False},
+            f"col_sparse_grad {g} x {x}", sparse.col_sparse_grad_kernel,
+            {"grad_out": PTR[g], "h": PTR[x], "cols": "*i64", "out": PTR[x], "N": "i32", "H": "i32", "INTER": "i32",
+             "K": "i32", "N_BUCKET": "i32"},
+            {"UPCAST": upcast},
             grids=[sparse.col_sparse_grad_grid(h, i), sparse.col_sparse_grad_grid(i, h)],
+            configs=configs,
         ))
+    for dt in ("bf16", "fp32"):
+        p = PTR[dt]
         cases.append(Case(
             f"ig_linear_act {dt}", ig.ig_linear_act_kernel,
             {"summed": "*fp32", "weight": p, "act": p, "out": "*fp32", "N": "i32", "H": "i32", "INTER": "i32",
@@ -168,7 +176,7 @@ def check_triton(arch: int) -> tuple[list[str], list[str]]:
     lines, faults = [], []
     for case in _cases(kernels):
         jit = case.autotuned.fn
-        for config in case.autotuned.configs:
+        for config in case.configs or case.autotuned.configs:
             constexprs = {**config.kwargs, **case.constexprs}
             signature = {**case.signature, **dict.fromkeys(constexprs, "constexpr")}
             signature = {arg: signature[arg] for arg in jit.arg_names}
@@ -194,20 +202,24 @@ def _nvcc_flags() -> list[str] | None:
         return None
     import sysconfig
 
-    import torch
-    from torch.utils.cpp_extension import include_paths
-
     sys.path.insert(0, ROOT)
     try:
-        from setup import _nvidia_wheel_includes, _toolkit_root_from_nvcc
+        from build_cuda import nvidia_wheel_includes, toolkit_root_from_nvcc
     finally:
         sys.path.pop(0)
-    toolkit = _toolkit_root_from_nvcc(nvcc)
+    toolkit = toolkit_root_from_nvcc(nvcc)
+    if toolkit and not os.environ.get("CUDA_HOME"):
+        os.environ["CUDA_HOME"] = toolkit  # read once, when torch.utils.cpp_extension is imported
+    import torch
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
+
     includes = [os.path.join(ROOT, "csrc"), *include_paths("cuda")]
     if toolkit:
         includes.append(os.path.join(toolkit, "include"))
-    includes += _nvidia_wheel_includes(torch.version.cuda.split(".")[0]) + [sysconfig.get_paths()["include"]]
-    return [nvcc, "-std=c++20", "-O3", "-DTORCH_EXTENSION_NAME=_C", *[f"-I{path}" for path in includes]]
+    includes += nvidia_wheel_includes(torch.version.cuda.split(".")[0]) + [sysconfig.get_paths()["include"]]
+    # the flags setup.py's build uses (torch's common ones, -O3), without the host-only ones
+    return [nvcc, "-std=c++20", "-O3", *COMMON_NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=_C",
+            "-DFASTRIT_CUDA_PTX_ARCH=90", *[f"-I{path}" for path in includes]]
 
 
 def check_cuda(arch: int) -> tuple[list[str], list[str]]:

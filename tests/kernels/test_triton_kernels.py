@@ -6,6 +6,7 @@ Shapes stay small: the interpreter executes every program instance in numpy.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ if K._common.INTERPRET:
     DEVICE = "cpu"
 elif torch.cuda.is_available():
     DEVICE = "cuda"
+    pytestmark = pytest.mark.gpu  # part of `make gpu-test`
 else:
     pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA GPU", allow_module_level=True)
 
@@ -278,14 +280,14 @@ def _nf4_weight(shape, dtype, blocksize):
 @pytest.mark.parametrize("shape", [(1,), (63,), (7, 13), (1000,), (13, 176)])
 def test_nf4_quantize_bit_exact(shape, blocksize, dtype):
     weight = _nf4_weight(shape, dtype, blocksize)
-    packed, absmax = K.nf4_quantize_fwd(weight, blocksize)
-    want_packed, want_absmax = ref.nf4_quantize_blocks(weight, blocksize)
+    packed, absmax = K.nf4_quantize_fwd(weight, blocksize, "cpu")
+    want_packed, want_absmax = ref.nf4_quantize_blocks(weight, blocksize, "cpu")
     assert packed.shape == want_packed.shape and packed.dtype == torch.uint8
     assert absmax.shape == want_absmax.shape and absmax.dtype == torch.float32
     assert torch.equal(packed, want_packed)
     assert torch.equal(absmax, want_absmax)
-    out = K.nf4_dequantize_fwd(packed, absmax, blocksize, shape, dtype)
-    want = ref.nf4_dequantize_blocks(want_packed, want_absmax, blocksize, shape, dtype)
+    out = K.nf4_dequantize_fwd(packed, absmax, blocksize, shape, dtype, "cpu")
+    want = ref.nf4_dequantize_blocks(want_packed, want_absmax, blocksize, shape, dtype, "cpu")
     assert out.shape == torch.Size(shape) and out.dtype == dtype
     assert torch.equal(out, want)
 
@@ -297,8 +299,8 @@ def test_nf4_partial_last_block_divides_by_clamped_absmax(blocksize):
     weight = torch.randn(3 * blocksize + 5)
     weight[3 * blocksize :] = 0.0
     weight = weight.to(DEVICE)
-    packed, absmax = K.nf4_quantize_fwd(weight, blocksize)
-    want_packed, want_absmax = ref.nf4_quantize_blocks(weight, blocksize)
+    packed, absmax = K.nf4_quantize_fwd(weight, blocksize, "cpu")
+    want_packed, want_absmax = ref.nf4_quantize_blocks(weight, blocksize, "cpu")
     assert torch.equal(packed, want_packed) and torch.equal(absmax, want_absmax)
     assert absmax[-1].item() == torch.tensor(1e-38).item()
     assert packed[-1, 0].item() == 0x77
@@ -326,8 +328,8 @@ def test_nf4_full_blocks_multiply_by_reciprocal_partial_block_divides(absmax):
         weight[start] = absmax
         weight[start + 1 : start + 1 + x.numel()] = x
     weight = weight.to(DEVICE)
-    packed, absmax_got = K.nf4_quantize_fwd(weight, blocksize)
-    want_packed, want_absmax = ref.nf4_quantize_blocks(weight, blocksize)
+    packed, absmax_got = K.nf4_quantize_fwd(weight, blocksize, "cpu")
+    want_packed, want_absmax = ref.nf4_quantize_blocks(weight, blocksize, "cpu")
     assert torch.equal(absmax_got, want_absmax)
     assert torch.equal(packed, want_packed)
 
@@ -337,13 +339,124 @@ def test_nf4_dequantize_every_code(dtype):
     # every byte value once, two blocks of 64 with different scales, output in each dtype
     packed = torch.arange(256, dtype=torch.uint8, device=DEVICE).reshape(-1, 1)[:64]
     absmax = torch.tensor([0.5, 3.0], device=DEVICE)
-    got = K.nf4_dequantize_fwd(packed, absmax, 64, (2, 64), dtype)
-    assert torch.equal(got, ref.nf4_dequantize_blocks(packed, absmax, 64, (2, 64), dtype))
+    for rule in ("cpu", "cuda"):
+        got = K.nf4_dequantize_fwd(packed, absmax, 64, (2, 64), dtype, rule)
+        assert torch.equal(got, ref.nf4_dequantize_blocks(packed, absmax, 64, (2, 64), dtype, rule))
 
 
 def test_nf4_odd_blocksize_is_refused():
     with pytest.raises(ValueError, match="blocksize"):
         K.nf4_quantize_fwd(rand(10), 63)
+
+
+def test_nf4_unknown_rule_is_refused():
+    with pytest.raises(ValueError, match="rule"):
+        K.nf4_quantize_fwd(rand(10), 64, "gpu")
+    with pytest.raises(ValueError, match="rule"):
+        K.nf4_dequantize_fwd(torch.zeros(5, 1, dtype=torch.uint8, device=DEVICE), rand(1), 64, (10,), torch.float32,
+                             "gpu")
+
+
+# --- rule "cuda": bitsandbytes' CUDA kernels ------------------------------------------------------------------------
+
+
+def test_nf4_cuda_thresholds_match_reference():
+    assert K.nf4.NF4_CUDA_THRESHOLDS == ref.NF4_CUDA_THRESHOLDS
+
+
+def _from_bits(*bits):
+    return torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+
+
+def _codes(packed, n):
+    flat = packed.reshape(-1).cpu()
+    return torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].tolist()
+
+
+def test_nf4_cuda_rule_thresholds_smallest_case():
+    # absmax 1.0, so the scaled values are the values: only the thresholds decide. At four of them bitsandbytes'
+    # CUDA kernel compares against a float 1 ulp away from the midpoint that its CPU backend uses.
+    weight = torch.zeros(64)
+    weight[:5] = _from_bits(0x3F800000, 0x3DF64863, 0x3F006D04, 0x3F5C89DA, 0xBF591CD8)
+    weight = weight.to(DEVICE)
+    packed, absmax = K.nf4_quantize_fwd(weight, 64, "cuda")
+    assert _codes(packed, 5) == [15, 8, 13, 15, 1]  # bitsandbytes' CUDA codes
+    assert absmax.tolist() == [1.0]
+    packed, _ = K.nf4_quantize_fwd(weight, 64, "cpu")
+    assert _codes(packed, 5) == [15, 9, 12, 14, 0]  # its CPU backend's
+
+
+@pytest.mark.parametrize("numel", [64, 64 + 37, 37])
+def test_nf4_cuda_rule_all_zero_block_gives_zero_bytes(numel):
+    # reciprocal(0) = inf, 0 * inf = NaN, NaN -> code 0: bytes 0x00, absmax stored as 0 (full or partial block)
+    weight = torch.zeros(numel, device=DEVICE)
+    if numel > 64:
+        weight[64:] = torch.randn(numel - 64) * 1e-39  # subnormals only: flushed to zero, an all-zero block
+    packed, absmax = K.nf4_quantize_fwd(weight, 64, "cuda")
+    assert packed[: min(numel, 64) // 2].eq(0).all()
+    assert absmax[0].item() == 0.0
+    if numel > 64:
+        assert packed[32:].eq(0).all() and absmax[1].item() == 0.0
+
+
+def test_nf4_cuda_rule_nan_and_inf():
+    nan, inf = float("nan"), float("inf")
+    weight = torch.zeros(4 * 64 + 6)
+    weight[:64] = torch.linspace(-2, 2, 64)
+    weight[5] = nan  # ignored by absmax, coded 0
+    weight[64:128] = nan  # a full block of NaN: absmax -FLT_MAX (bitsandbytes' starting value), codes 0
+    weight[128:192] = torch.linspace(-1, 1, 64)
+    weight[130] = inf  # absmax inf: reciprocal 0, every finite value scales to 0 (code 7), inf to NaN (code 0)
+    weight[192:256] = 0.5
+    weight[256:] = nan  # a partial block of NaN: its 0.0 padding makes absmax 0
+    weight = weight.to(DEVICE)
+    packed, absmax = K.nf4_quantize_fwd(weight, 64, "cuda")
+    want_packed, want_absmax = ref.nf4_quantize_blocks(weight.cpu(), 64, "cuda")
+    assert torch.equal(packed.cpu(), want_packed) and torch.equal(absmax.cpu(), want_absmax)
+    codes = _codes(packed, weight.numel())
+    assert absmax.tolist() == [2.0, -torch.finfo(torch.float32).max, inf, 0.5, 0.0]
+    assert codes[5] == 0 and codes[64:128] == [0] * 64
+    assert codes[130] == 0 and set(codes[128:130] + codes[131:192]) == {7}
+    assert codes[192:256] == [15] * 64 and codes[256:] == [0] * 6
+
+
+def _power_of_two_scaled(numel, blocksize, dtype):
+    """Random values whose every block has a power-of-two absmax: the GPU's approximate reciprocal is then exact,
+    so rule "cuda" on a GPU must equal the reference bit for bit too."""
+    w = torch.randn(numel)
+    starts = torch.arange(0, numel, blocksize)
+    w = w.clamp(-3.9, 3.9)
+    w[starts] = 4.0 * torch.where(starts % 3 == 0, -1.0, 1.0)
+    w[starts[1::4]] = 0.0
+    return w.to(device=DEVICE, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("numel", [1, 63, 1000, 2 * 4096 + 37])
+def test_nf4_cuda_rule_matches_reference(numel, blocksize, dtype):
+    weight = _power_of_two_scaled(numel, blocksize, dtype)
+    if numel > 3 * blocksize:
+        weight[blocksize : 2 * blocksize] = 0.0  # an all-zero block
+        weight[blocksize + 3] = 1e-40  # and a subnormal in it (bfloat16 keeps it; float16 rounds it to 0)
+    packed, absmax = K.nf4_quantize_fwd(weight, blocksize, "cuda")
+    want_packed, want_absmax = ref.nf4_quantize_blocks(weight.cpu(), blocksize, "cuda")
+    assert torch.equal(packed.cpu(), want_packed) and torch.equal(absmax.cpu(), want_absmax)
+    out = K.nf4_dequantize_fwd(packed, absmax, blocksize, (numel,), dtype, "cuda")
+    want = ref.nf4_dequantize_blocks(want_packed, want_absmax, blocksize, (numel,), dtype, "cuda")
+    assert torch.equal(out.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_cuda_rule_dequantize_flushes_subnormals(dtype):
+    # bitsandbytes' CUDA dequantizer multiplies with FTZ: a subnormal absmax, or a subnormal product, gives 0
+    packed = torch.full((64, 1), 0xF0, dtype=torch.uint8, device=DEVICE)  # codes 15 (1.0) and 7 (0.0)
+    absmax = torch.tensor([1e-39, 2e-38], device=DEVICE)
+    got = K.nf4_dequantize_fwd(packed, absmax, 64, (128,), dtype, "cuda").float().cpu()
+    assert got[:64].eq(0).all()  # 1.0 * subnormal absmax
+    assert got[64::2].eq(torch.tensor(2e-38).to(dtype).float()).all()
+    cpu_rule = K.nf4_dequantize_fwd(packed, absmax, 64, (128,), torch.float32, "cpu").cpu()
+    assert cpu_rule[0].item() == torch.tensor(1e-39).item()  # the CPU rule keeps it
 
 
 def test_nf4_empty(no_launch):
@@ -396,17 +509,57 @@ def test_top_level_kernels_name_is_not_taken(tmp_path):
     assert _python(code, ROOT, {"PYTHONPATH": str(ROOT)}).strip() == "absent"
 
 
-def test_kernels_compile_for_a_gpu_target(tmp_path):
-    # The GPU-only paths (native bf16 dot and cast, no FMA in ig_interpolate) down to a sm_90 cubin, no GPU needed.
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills_or_oversized_grids(tmp_path):
+    # Every Triton kernel with every GPU autotune config, and the CUDA kernels of csrc/cuda/, compiled for
+    # sm_80 and sm_90 (no GPU needed): no register spills, grids within the hardware limits at 8B shapes, the
+    # approximate reciprocal in the NF4 quantizers' PTX. The guard itself: tests/kernels/gpu_compile.py.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     run = subprocess.run(
-        [sys.executable, "-m", "tests.kernels.gpu_compile", "90"],
+        [sys.executable, "-m", "tests.kernels.gpu_compile", "80", "90"],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert len(run.stdout.strip().splitlines()) == 11
+    assert run.returncode == 0, (run.stdout[-3000:], run.stderr[-3000:])
+    lines = run.stdout.strip().splitlines()
+    for arch in (80, 90):
+        assert any(line.startswith(f"triton sm_{arch} nf4_quantize") for line in lines)
+        assert any(line.startswith(f"triton sm_{arch} ig_linear_act") for line in lines)
+        if shutil.which("nvcc"):
+            assert any(line.startswith(f"cuda sm_{arch}") and "nf4_quantize_kernel" in line for line in lines)
+
+
+def test_compile_guard_catches_spills_grids_and_a_missing_reciprocal():
+    from tests.kernels import gpu_compile as guard
+
+    log = (
+        "ptxas info    : Compiling entry function 'k' for 'sm_90'\n"
+        "ptxas info    : Function properties for k\n"
+        "    616 bytes stack frame, 612 bytes spill stores, 604 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 0 barriers\n"
+    )
+    assert guard._parse_ptxas(log) == [(255, 1216)]
+    # the old ig_linear_act grid (N tiles on axis 1) at 8B shapes
+    old = guard.Case("old", None, {}, grids=[lambda meta: (112, triton_cdiv(guard.ROWS_8B, meta["BLOCK_N"]))])
+    assert guard._grid_faults(old, {"BLOCK_N": 16})
+    new = guard.Case("new", None, {}, grids=[K.ig.ig_linear_act_grid(guard.ROWS_8B, guard.INTER_8B)])
+    assert not guard._grid_faults(new, {"BLOCK_N": 16, "BLOCK_I": 128})
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_autotune_keys_do_not_hold_the_token_count():
+    # a new sequence length must not re-run every autotune config: keys hold weight shapes and size buckets
+    row_counts = {"N", "ND", "NI", "NUMEL"}
+    for module in (K.ig, K.swiglu, K.sparse_grad, K.nf4):
+        for name in dir(module):
+            kernel = getattr(module, name)
+            if name.endswith("_kernel") and hasattr(kernel, "keys"):
+                assert not row_counts & set(kernel.keys), (name, kernel.keys)
+    assert K._common.size_bucket(1) == 1 and K._common.size_bucket(1000) == K._common.size_bucket(1024) == 1024
+    assert K._common.size_bucket(1025) == 2048 and K._common.size_bucket(0) == 1
