@@ -44,7 +44,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_kernels
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check fastrit kernels benchmarks tests
+	$(VENV)/bin/ruff check fastrit kernels benchmarks tests build_cuda.py setup.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

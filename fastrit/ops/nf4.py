@@ -1,6 +1,8 @@
 """NF4 frozen weights in bitsandbytes' exact format: quantize, dequantize, and a linear layer.
 
-The 4-bit codes and per-block absmax are computed by fastrit's kernels; with
+The 4-bit codes and per-block absmax are computed by fastrit's kernels, with the rounding of bitsandbytes'
+kernel for the tensor's device (its CPU backend on CPU tensors, its CUDA kernels on CUDA tensors; the two
+differ, see ``reference.nf4_quantize_blocks``); with
 ``compress_statistics=True`` the absmax values are themselves quantized to 8 bits with
 bitsandbytes' own ``quantize_blockwise`` (blocks of 256 after subtracting their mean), exactly as
 ``bitsandbytes.functional.quantize_4bit`` does, and the result carries a bitsandbytes ``QuantState``,
@@ -37,7 +39,8 @@ def nf4_quantize(
     """Quantize ``weight`` to NF4: ``(packed uint8 [(numel + 1) // 2, 1], bitsandbytes QuantState)``.
 
     The packed bytes equal ``bitsandbytes.functional.quantize_4bit(weight, blocksize, compress_statistics,
-    quant_type="nf4")``'s.
+    quant_type="nf4")``'s on the same device (on CUDA tensors with ``backend="torch"``, up to the approximate
+    reciprocal: see ``reference.nf4_quantize_blocks``).
     """
     _checks.tensor("weight", weight)
     if weight.dtype not in _checks.FLOAT_DTYPES:
@@ -99,8 +102,9 @@ def _block_absmax(packed: torch.Tensor, quant_state) -> tuple[torch.Tensor, int]
 def nf4_dequantize(packed: torch.Tensor, quant_state, *, backend: str = "auto") -> torch.Tensor:
     """The weight (``quant_state.shape``, ``quant_state.dtype``) of NF4 ``packed`` codes.
 
-    Bit for bit equal to ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)``'s
-    definition (code value times block absmax in float32, then cast).
+    Bit for bit equal to ``bitsandbytes.functional.dequantize_4bit(packed, quant_state)`` on the same device
+    (code value times block absmax in float32, then cast; on CUDA tensors a flush-to-zero multiply, as
+    bitsandbytes' CUDA kernel).
     """
     absmax, _ = _block_absmax(packed, quant_state)
     shape, dtype, blocksize = tuple(quant_state.shape), quant_state.dtype, quant_state.blocksize

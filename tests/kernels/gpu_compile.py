@@ -148,14 +148,14 @@ def _parse_ptxas(log: str) -> list[tuple[int, int]]:
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", log)]
     assert len(spills) == len(regs) and regs, log[-2000:]
-    return list(zip(regs, spills))
+    return list(zip(regs, spills, strict=True))
 
 
 def _grid_faults(case: Case, meta: dict) -> list[str]:
     faults = []
     for grid in case.grids:
         dims = grid(meta)
-        for axis, (size, limit) in enumerate(zip(dims, GRID_LIMITS)):
+        for axis, (size, limit) in enumerate(zip(dims, GRID_LIMITS[: len(dims)], strict=True)):
             if size > limit:
                 faults.append(f"{case.name} {meta}: grid axis {axis} = {size} > {limit} at 8B shapes")
     return faults
@@ -240,7 +240,7 @@ def check_cuda(arch: int) -> tuple[list[str], list[str]]:
                 continue
             ptx = "".join(open(path).read() for path in glob.glob(os.path.join(tmp, "*.ptx")))
         names = re.findall(r"Compiling entry function '(\w+)'", run.stdout + run.stderr)
-        for name, (regs, spill) in zip(names, _parse_ptxas(run.stdout + run.stderr)):
+        for name, (regs, spill) in zip(names, _parse_ptxas(run.stdout + run.stderr), strict=True):
             lines.append(f"cuda sm_{arch} {name}: {regs} registers, {spill} bytes spilled")
             if spill:
                 faults.append(f"cuda sm_{arch} {name}: {spill} bytes spilled")
