@@ -151,6 +151,12 @@ def _parse_ptxas(log: str) -> list[tuple[int, int]]:
     return list(zip(regs, spills, strict=True))
 
 
+def _lacks_rcp(ptx: str, kernel: str) -> bool:
+    """Whether ``ptx`` has no entry named like ``kernel``, or one of them runs no ``rcp.approx.ftz.f32``."""
+    entries = re.findall(rf"\.entry \w*{kernel}\w*\(.*?\n}}\n", ptx, re.S)
+    return not entries or any(RCP not in entry for entry in entries)
+
+
 def _grid_faults(case: Case, meta: dict) -> list[str]:
     faults = []
     for grid in case.grids:
@@ -189,7 +195,7 @@ def check_triton(arch: int) -> tuple[list[str], list[str]]:
             lines.append(f"triton sm_{arch} {label}: {regs} registers, {spill} bytes spilled")
             if spill:
                 faults.append(f"triton sm_{arch} {label}: {spill} bytes spilled")
-            if case.needs_rcp and RCP not in compiled.asm["ptx"]:
+            if case.needs_rcp and _lacks_rcp(compiled.asm["ptx"], jit.__name__):
                 faults.append(f"triton sm_{arch} {label}: no {RCP} in the PTX")
             faults += _grid_faults(case, config.all_kwargs())
     return lines, faults
@@ -245,8 +251,7 @@ def check_cuda(arch: int) -> tuple[list[str], list[str]]:
             if spill:
                 faults.append(f"cuda sm_{arch} {name}: {spill} bytes spilled")
         # the NF4 quantizer's PTX: its entry and the reciprocal it must use
-        entries = re.findall(r"\.entry \w*nf4_quantize_kernel\w*\(.*?\n}\n", ptx, re.S)
-        if not entries or any(RCP not in entry for entry in entries):
+        if _lacks_rcp(ptx, "nf4_quantize_kernel"):
             faults.append(f"cuda sm_{arch} {os.path.basename(source)}: nf4_quantize_kernel without {RCP} in its PTX")
     return lines, faults
 

@@ -547,6 +547,12 @@ def test_compile_guard_catches_spills_grids_and_a_missing_reciprocal():
     assert guard._grid_faults(old, {"BLOCK_N": 16})
     new = guard.Case("new", None, {}, grids=[K.ig.ig_linear_act_grid(guard.ROWS_8B, guard.INTER_8B)])
     assert not guard._grid_faults(new, {"BLOCK_N": 16, "BLOCK_I": 128})
+    # NF4 quantizers: every entry must run the approximate reciprocal (the old ones divided exactly)
+    exact = ".visible .entry nf4_quantize_kernel(\n{\n\tdiv.rn.f32 %f3, %f1, %f2;\n}\n"
+    approx = ".visible .entry _Z19nf4_quantize_kernelIfEvv(\n{\n\trcp.approx.ftz.f32 %f3, %f1;\n}\n"
+    assert guard._lacks_rcp(exact, "nf4_quantize_kernel") and guard._lacks_rcp("", "nf4_quantize_kernel")
+    assert not guard._lacks_rcp(approx, "nf4_quantize_kernel")
+    assert guard._lacks_rcp(approx + exact, "nf4_quantize_kernel")
 
 
 def triton_cdiv(a, b):
