@@ -81,6 +81,7 @@ def resolve_arch_list(requested: str | None, visible: list[tuple[int, int]]) -> 
 
 
 def ptx_arch(arch_list: str) -> int:
-    """The newest architecture built as PTX, as a number (``"8.6;9.0+PTX"`` -> 90); 0 if none or not known."""
-    ptx = [_arch_key(a) for a in re.split(r"[;\s]+", arch_list.strip()) if a.endswith("+PTX")]
+    """The newest architecture built as PTX that later GPUs can JIT, as a number (``"8.6;9.0+PTX"`` -> 90); 0 if
+    none or not known. Architecture-specific PTX (``9.0a``) runs on that architecture only: it does not count."""
+    ptx = [_arch_key(a) for a in re.split(r"[;\s]+", arch_list.strip()) if re.fullmatch(r"\d+\.\d+\+PTX", a)]
     return max((10 * key[0] + key[1] for key in ptx if key), default=0)

@@ -42,7 +42,8 @@ def configs_for(float32_operands: bool) -> list[triton.Config]:
 def _prune(configs, named_args, **kwargs):
     if INTERPRET:
         return configs
-    float32 = bool(kwargs.get("UPCAST")) or named_args["grad_out"].dtype == torch.float32
+    args = {**named_args, **kwargs}  # UPCAST is passed by keyword; positional would land in named_args
+    float32 = bool(args["UPCAST"]) or args["grad_out"].dtype == torch.float32
     return [config for config in configs if config in configs_for(float32)]
 
 

@@ -356,17 +356,18 @@ __global__ void nf4_absmax_kernel(const T* __restrict__ weight, int64_t numel, i
 }
 
 // One byte (two elements) per thread: element times rcp.approx.ftz(absmax) with an FTZ multiply; the
-// padding element of an odd count is 0.0.
+// padding element of an odd count is 0.0, in the last element's block.
 template <typename T>
 __global__ void nf4_quantize_kernel(const T* __restrict__ weight, int64_t numel, int64_t blocksize,
                                     const float* __restrict__ absmax, int64_t bytes, uint8_t* __restrict__ packed) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < bytes;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t e = 2 * i;
-    const float inverse = rcp_approx_ftz(absmax[e / blocksize]);  // both elements: one block (blocksize even)
-    const float x0 = to_f32(weight[e]);
-    const float x1 = e + 1 < numel ? to_f32(weight[e + 1]) : 0.0f;
-    packed[i] = static_cast<uint8_t>((nf4_bucket(mul_ftz(x0, inverse)) << 4) | nf4_bucket(mul_ftz(x1, inverse)));
+    // each element's own block: with an odd blocksize a byte can straddle two
+    const float x0 = mul_ftz(to_f32(weight[e]), rcp_approx_ftz(absmax[e / blocksize]));
+    const float x1 = e + 1 < numel ? mul_ftz(to_f32(weight[e + 1]), rcp_approx_ftz(absmax[(e + 1) / blocksize]))
+                                   : mul_ftz(0.0f, rcp_approx_ftz(absmax[e / blocksize]));  // the pad, in e's block
+    packed[i] = static_cast<uint8_t>((nf4_bucket(x0) << 4) | nf4_bucket(x1));
   }
 }
 
@@ -431,7 +432,9 @@ at::Tensor nf4_dequantize_cuda(const at::Tensor& packed_in, const at::Tensor& ab
 
 // The architectures this file was compiled for: SASS (nvcc's __CUDA_ARCH_LIST__, e.g. 800,860,900 -> 80, 86,
 // 90) and PTX (setup.py's FASTRIT_CUDA_PTX_ARCH, 0 if none), read by fastrit.backends() to tell whether the
-// GPU at hand can run these kernels.
+// GPU at hand can run these kernels. __CUDA_ARCH_LIST__ names the virtual architectures compiled; reading
+// them as SASS holds for the flags setup.py builds with (torch's: SASS for every listed architecture, "+PTX"
+// adding PTX), not for a hand-written PTX-only -gencode.
 #ifndef FASTRIT_CUDA_PTX_ARCH
 #define FASTRIT_CUDA_PTX_ARCH 0
 #endif

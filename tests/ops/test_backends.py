@@ -89,7 +89,7 @@ def test_the_extension_reports_the_architectures_it_was_built_for():
         ("8.0;8.6;9.0", [], "8.0;8.6;9.0+PTX", 90),
         ("9.0 8.0", [], "9.0+PTX;8.0", 90),
         ("8.0+PTX;9.0", [], "8.0+PTX;9.0", 80),  # the user chose where PTX goes
-        ("9.0a", [], "9.0a+PTX", 90),
+        ("9.0a", [], "9.0a+PTX", 0),  # arch-specific PTX: no later GPU can JIT it
         ("Hopper", [], "Hopper", 0),  # names are torch's to expand; no PTX arch known here
         (None, [(8, 9), (8, 9), (8, 0)], "8.0;8.9+PTX", 89),  # the visible GPUs
         ("", [], build_cuda.DEFAULT_ARCH_LIST, 90),
