@@ -85,7 +85,7 @@ setup(
     version="0.1.0",
     description="Neuron-level Integrated Gradients and neuron-guided tuning for RAG language models, fast on one GPU",
     python_requires=">=3.10",
-    packages=["fastrit", "fastrit.attribution", "fastrit.ops", "fastrit.kernels"],
+    packages=["fastrit", "fastrit.attribution", "fastrit.data", "fastrit.ops", "fastrit.kernels"],
     package_dir={"fastrit.kernels": "kernels"},
     install_requires=[
         "torch>=2.6,<=2.14.1",
@@ -94,6 +94,7 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
         "bitsandbytes>=0.45",
+        "datasets>=3.0",
     ],
     extras_require={
         "test": [

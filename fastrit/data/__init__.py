@@ -1,0 +1,14 @@
+"""RAG QA data: records in one canonical schema on 🤗 datasets, loaded from the files users hold, and the
+answer matching (SQuAD normalisation) that has_answer, evidence and exact match share."""
+
+from .rag import FEATURES, SKIP_REASONS, RagData, load
+from .text import contains_answer, evidence_sentence, normalize_answer
+
+__all__ = ["FEATURES", "SKIP_REASONS", "RagData", "contains_answer", "evidence", "load", "normalize_answer"]
+
+
+def evidence(record: dict) -> str | None:
+    """The first sentence of a has_answer passage of ``record`` (canonical schema) that contains an answer
+    (normalised match), for the evidence-distillation stage of tuning; None if there is none."""
+    texts = [ctx["text"] for ctx in record["ctxs"] if ctx["has_answer"]]
+    return evidence_sentence(texts, record["answers"])
