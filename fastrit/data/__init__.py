@@ -3,8 +3,11 @@ answer matching (SQuAD normalisation) that has_answer, evidence and exact match 
 
 from .rag import FEATURES, SKIP_REASONS, RagData, load
 from .text import contains_answer, evidence_sentence, normalize_answer
+from .world import synthetic
 
-__all__ = ["FEATURES", "SKIP_REASONS", "RagData", "contains_answer", "evidence", "load", "normalize_answer"]
+__all__ = [
+    "FEATURES", "SKIP_REASONS", "RagData", "contains_answer", "evidence", "load", "normalize_answer", "synthetic",
+]
 
 
 def evidence(record: dict) -> str | None:
