@@ -69,3 +69,18 @@ def prompt_batch(padding_side: str, seed: int = 1):
     for row, k in enumerate([3, 1, 2]):
         target_ids[row, :k] = torch.randint(1, VOCAB, (k,), generator=gen)
     return input_ids, attention_mask, target_ids
+
+
+def word_tokenizer(words, chat_template: str | None = None):
+    """A word-level ``PreTrainedTokenizerFast`` over ``words`` (whitespace and punctuation split), with
+    <pad> <unk> <s> </s> special tokens; nothing downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(words) - set(specials)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+        chat_template=chat_template,
+    )

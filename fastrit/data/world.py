@@ -119,8 +119,10 @@ for _family in _FAMILIES:
             _PAIRS[_split_of(_entity, _attribute)].append((_entity, _attribute))
 
 
-def _fact(rng: random.Random, entity: str, attribute: str, value: str, filler: bool) -> str:
-    sentence = rng.choice(ATTRIBUTES[attribute][1]).format(e=entity, v=value)
+def _fact(
+    rng: random.Random, entity: str, attribute: str, value: str, filler: bool, phrasing: str | None = None
+) -> str:
+    sentence = (phrasing or rng.choice(ATTRIBUTES[attribute][1])).format(e=entity, v=value)
     if filler:
         return f"{rng.choice(_FILLERS).format(e=entity)} {sentence}"
     return sentence
@@ -138,8 +140,8 @@ def _record(rng: random.Random, entity: str, attribute: str, k: int) -> dict:
     value = rng.choice(_POOLS[attribute])
     used = {value}
     ctxs = []
-    for _ in range(rng.randint(1, 3)):  # relevant passages, in varied phrasings
-        ctxs.append({"title": entity, "text": _fact(rng, entity, attribute, value, rng.random() < 0.3),
+    for phrasing in rng.sample(ATTRIBUTES[attribute][1], rng.randint(1, 3)):  # relevant: distinct phrasings
+        ctxs.append({"title": entity, "text": _fact(rng, entity, attribute, value, rng.random() < 0.3, phrasing),
                      "has_answer": True})
     kinds = ["near-miss", "same entity", "other entity"] + [rng.choice(["near-miss", "same entity", "other entity"])
                                                               for _ in range(k - 1)]

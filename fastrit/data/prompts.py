@@ -1,0 +1,191 @@
+"""Prompts from RAG records: the passages of a context condition, a template, the answer tokens, truncation.
+
+Conditions (ctxs are in retrieval rank order):
+- "relevant": up to ``k`` has_answer passages, best ranked first (at least one);
+- "irrelevant": ``k`` passages without the answer, best ranked first;
+- "noisy": the best-ranked relevant passage and the ``k - 1`` best-ranked irrelevant ones, shuffled.
+
+The scored sequence is prompt + answer[:-1] (fastrit's definition); it must fit ``max_length`` tokens. Too long,
+the lowest-ranked passages are dropped first (never the last one of a kind the condition needs), then passage
+texts are shortened from their end (irrelevant passages before relevant ones); the question and the answer are
+never cut. A record that still does not fit, or lacks passages of a needed kind, is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .rag import RagData
+
+__all__ = ["CONDITIONS", "DEFAULT_TEMPLATE", "RagPrompts", "prompts"]
+
+CONDITIONS = ("relevant", "irrelevant", "noisy")
+DEFAULT_TEMPLATE = "{passages}\nQuestion: {question}\nAnswer:"
+
+
+def format_passage(ctx: dict) -> str:
+    return f"Passage: {ctx['title']}. {ctx['text']}" if ctx["title"] else f"Passage: {ctx['text']}"
+
+
+@dataclass
+class RagPrompts:
+    """Token ids of one prompt per kept record, its answer tokens, and the records skipped, by reason.
+
+    ``prompt_ids[i]`` and ``target_ids[i]`` are lists of token ids; ``records[i]`` is the index of the record
+    in the data; :meth:`tensors` pads them into what ``fastrit.attribute`` and ``model.generate`` take.
+    """
+
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    target_ids: list[list[int]]
+    records: list[int]
+    pad_token_id: int
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def tensors(self, rows: list[int] | range | None = None) -> dict[str, torch.Tensor]:
+        """``input_ids`` / ``attention_mask`` ``[n, T]`` (left-padded) and ``target_ids`` ``[n, K]`` (padded with
+        -100) of ``rows`` (default: all), int64."""
+        rows = range(len(self)) if rows is None else rows
+        prompts = [self.prompt_ids[i] for i in rows]
+        targets = [self.target_ids[i] for i in rows]
+        width = max((len(p) for p in prompts), default=0)
+        answer_width = max((len(t) for t in targets), default=0)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        target_ids = torch.full((len(targets), answer_width), -100, dtype=torch.long)
+        for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+            if prompt:
+                input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                attention_mask[row, width - len(prompt) :] = 1
+            target_ids[row, : len(target)] = torch.tensor(target, dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "target_ids": target_ids}
+
+
+def _select(ctxs: list[dict], condition: str, k: int, rng: random.Random) -> tuple[list[int], str]:
+    """Indices (rank order) of the passages of ``condition``, or ``([], reason)``."""
+    relevant = [i for i, c in enumerate(ctxs) if c["has_answer"]]
+    irrelevant = [i for i, c in enumerate(ctxs) if not c["has_answer"]]
+    if condition == "relevant":
+        return (relevant[:k], "") if relevant else ([], "no relevant passage")
+    if condition == "irrelevant":
+        return (irrelevant[:k], "") if len(irrelevant) >= k else ([], f"fewer than {k} irrelevant passages")
+    if not relevant:
+        return [], "no relevant passage"
+    if len(irrelevant) < k - 1:
+        return [], f"fewer than {k - 1} irrelevant passages"
+    chosen = [relevant[0], *irrelevant[: k - 1]]
+    rng.shuffle(chosen)
+    return chosen, ""
+
+
+class _Formatter:
+    def __init__(self, tokenizer, template: str | None):
+        placeholders = "{passages}" in (template or "") and "{question}" in (template or "")
+        if template is not None and template != "chat" and not placeholders:
+            raise ValueError("template: expected None, 'chat', or a format string with {passages} and {question}")
+        if template == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("template: 'chat' needs a tokenizer with a chat template")
+        self.tokenizer = tokenizer
+        self.template = template
+
+    def __call__(self, question: str, passages: list[dict]) -> str:
+        joined = "\n".join(format_passage(p) for p in passages)
+        if self.template == "chat":
+            content = DEFAULT_TEMPLATE.format(passages=joined, question=question).removesuffix("\nAnswer:")
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        return (self.template or DEFAULT_TEMPLATE).format(passages=joined, question=question)
+
+
+def _encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """The prompt's ids and the answer's, tokenized as it continues the prompt (after one space)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full = tokenizer(f"{prompt} {answer}")["input_ids"]
+    if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+        return prompt_ids, full[len(prompt_ids) :]
+    return prompt_ids, tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]
+
+
+def _fit(question, answer, passages, needed_kinds, formatter, tokenizer, max_length):
+    """``(prompt, prompt ids, answer ids)`` within ``max_length``, or None. ``passages`` in rank order."""
+    passages = [dict(p) for p in passages]
+    while True:
+        prompt = formatter(question, sorted(passages, key=lambda p: p["_order"]))
+        prompt_ids, answer_ids = _encode(tokenizer, prompt, answer)
+        over = len(prompt_ids) + len(answer_ids) - 1 - max_length
+        if over <= 0 and answer_ids:
+            return prompt, prompt_ids, answer_ids
+        if not answer_ids:
+            return None
+        # drop the lowest-ranked passage whose kind stays represented without it
+        kinds = Counter(p["has_answer"] for p in passages)
+        droppable = [p for p in passages if kinds[p["has_answer"]] > 1 or p["has_answer"] not in needed_kinds]
+        if droppable:
+            passages.remove(max(droppable, key=lambda p: p["_rank"]))
+            continue
+        # then shorten a passage from its end: irrelevant ones first, the lowest ranked first
+        words = [p for p in passages if len(p["text"].split()) > 1]
+        if not words:
+            return None
+        victim = max(words, key=lambda p: (not p["has_answer"], p["_rank"]))
+        kept = victim["text"].split()
+        victim["text"] = " ".join(kept[: max(1, len(kept) - max(1, over))])
+
+
+def prompts(
+    data: RagData,
+    tokenizer,
+    *,
+    condition: str,
+    k: int = 5,
+    template: str | None = None,
+    max_length: int | None = None,
+    seed: int = 0,
+) -> RagPrompts:
+    """One prompt per record of ``data`` in ``condition`` ("relevant", "irrelevant" or "noisy"), with its first
+    answer as target tokens. ``template``: None (``DEFAULT_TEMPLATE``), a format string with ``{passages}`` and
+    ``{question}``, or "chat" (the tokenizer's chat template). ``max_length`` bounds prompt + answer[:-1] in
+    tokens (default: the tokenizer's ``model_max_length`` when it is a real limit). Deterministic from ``seed``.
+    """
+    if condition not in CONDITIONS:
+        raise ValueError(f"condition: expected one of {CONDITIONS}, got {condition!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k: expected a positive integer, got {k!r}")
+    if max_length is None:
+        limit = getattr(tokenizer, "model_max_length", None)
+        max_length = limit if isinstance(limit, int) and limit < 1_000_000 else 1 << 62
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length: expected a positive integer, got {max_length!r}")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer: needs a pad or an end-of-sequence token to pad prompts")
+    formatter = _Formatter(tokenizer, template)
+    needed = {"relevant": {True}, "irrelevant": {False}, "noisy": {True, False}}[condition]
+    out = RagPrompts([], [], [], [], pad)
+    skipped: Counter = Counter()
+    for index, record in enumerate(data.records):
+        rng = random.Random(f"{seed}/{index}")
+        chosen, reason = _select(record["ctxs"], condition, k, rng)
+        if reason:
+            skipped[reason] += 1
+            continue
+        passages = [{**record["ctxs"][i], "_rank": i, "_order": position} for position, i in enumerate(chosen)]
+        fitted = _fit(record["question"], record["answers"][0], passages, needed, formatter, tokenizer, max_length)
+        if fitted is None:
+            skipped[f"longer than max_length={max_length}"] += 1
+            continue
+        prompt, prompt_ids, answer_ids = fitted
+        out.texts.append(prompt)
+        out.prompt_ids.append(prompt_ids)
+        out.target_ids.append(answer_ids)
+        out.records.append(index)
+    out.skipped = dict(sorted(skipped.items()))
+    return out
