@@ -3,8 +3,10 @@
 ``import fastrit`` initialises no CUDA context and compiles no kernel.
 """
 
+from . import data
 from .arch import FAMILIES, ArchSpec, resolve_arch
 from .attribution import METHODS, NeuronAttribution, attribute, attribute_reference
+from .evaluate import evaluate
 from .ops import backends
 
 __version__ = "0.1.0"
@@ -17,6 +19,8 @@ __all__ = [
     "attribute",
     "attribute_reference",
     "backends",
+    "data",
+    "evaluate",
     "resolve_arch",
     "__version__",
 ]
