@@ -42,6 +42,7 @@ gpu-test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_attribution
 	$(PY) -m benchmarks.bench_kernels
+	$(PY) -m benchmarks.bench_reader
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastrit kernels benchmarks tests build_cuda.py setup.py

@@ -85,7 +85,8 @@ setup(
     version="0.1.0",
     description="Neuron-level Integrated Gradients and neuron-guided tuning for RAG language models, fast on one GPU",
     python_requires=">=3.10",
-    packages=["fastrit", "fastrit.attribution", "fastrit.data", "fastrit.ops", "fastrit.kernels"],
+    packages=["fastrit", "fastrit.attribution", "fastrit.data", "fastrit.demo", "fastrit.ops", "fastrit.kernels"],
+    package_data={"fastrit.demo": ["reader/*.json", "reader/*.safetensors"]},
     package_dir={"fastrit.kernels": "kernels"},
     install_requires=[
         "torch>=2.6,<=2.14.1",

@@ -1,0 +1,34 @@
+"""The embedded default: a tiny reader model shipped in the package, and the synthetic RAG splits it was made for.
+
+``load_model()`` gives ``(model, tokenizer)`` from the package folder (no download); ``load_data(split)`` the
+synthetic records of a split, generated from a fixed seed. ``python -m fastrit.demo.pretrain`` rebuilds the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import data
+
+__all__ = ["READER_DIR", "SPLIT_SIZES", "load_data", "load_model"]
+
+READER_DIR = Path(__file__).resolve().parent / "reader"
+SPLIT_SIZES = {"train": 4000, "dev": 300, "test": 300}
+DATA_SEED = 2026
+
+
+def load_model(dtype=None):
+    """``(model, tokenizer)``: the shipped reader (a LlamaForCausalLM, eval mode) and its word-level tokenizer."""
+    import transformers
+
+    if not (READER_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"the reader model is not in {READER_DIR}: run `python -m fastrit.demo.pretrain`")
+    model = transformers.AutoModelForCausalLM.from_pretrained(READER_DIR, dtype=dtype).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(READER_DIR)
+
+
+def load_data(split: str = "test") -> data.RagData:
+    """The synthetic records of ``split`` ("train", "dev" or "test"; sizes :data:`SPLIT_SIZES`), always the same."""
+    if split not in SPLIT_SIZES:
+        raise ValueError(f"split: expected one of {tuple(SPLIT_SIZES)}, got {split!r}")
+    return data.synthetic(SPLIT_SIZES[split], split=split, seed=DATA_SEED, k=5)
