@@ -71,16 +71,9 @@ def prompt_batch(padding_side: str, seed: int = 1):
     return input_ids, attention_mask, target_ids
 
 
-def word_tokenizer(words, chat_template: str | None = None):
-    """A word-level ``PreTrainedTokenizerFast`` over ``words`` (whitespace and punctuation split), with
-    <pad> <unk> <s> </s> special tokens; nothing downloaded."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + sorted(set(words) - set(specials)))}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        chat_template=chat_template,
-    )
+def word_tokenizer(words, chat_template: str | None = None):
+    """A word-level tokenizer over ``words``: fastrit.demo.pretrain's, so tests and the reader share one."""
+    from fastrit.demo.pretrain import word_tokenizer as build
+
+    return build(words, chat_template=chat_template)

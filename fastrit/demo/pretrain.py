@@ -27,18 +27,24 @@ TEMPLATE_WORDS = ["Passage", ":", ".", "?", "!", ",", "Question", "Answer", "use
 MIX = (("relevant", 5, 0.70), ("noisy", 2, 0.18), ("noisy", 5, 0.12))
 
 
-def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A word-level tokenizer (whitespace and punctuation split) over the synthetic world's vocabulary."""
+def word_tokenizer(words, chat_template: str | None = None, model_max_length: int = 512):
+    """A word-level ``PreTrainedTokenizerFast`` over ``words`` (whitespace and punctuation split), with
+    <pad> <unk> <s> </s> special tokens, padding on the left; nothing downloaded."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    words = sorted(set(world.vocabulary()) | set(TEMPLATE_WORDS))
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
+    vocab = {token: i for i, token in enumerate(specials + sorted(set(words) - set(specials)))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        padding_side="left", model_max_length=512,
+        padding_side="left", model_max_length=model_max_length, chat_template=chat_template,
     )
+
+
+def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """The reader's tokenizer: :func:`word_tokenizer` over the synthetic world's vocabulary and the template."""
+    return word_tokenizer([*world.vocabulary(), *TEMPLATE_WORDS])
 
 
 def build_model(tokenizer, seed: int) -> transformers.LlamaForCausalLM:
