@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ArchSpec", "ModelArch", "FAMILIES", "resolve_arch", "linear_weight"]
+__all__ = ["ArchSpec", "ModelArch", "FAMILIES", "resolve_arch", "linear_weight", "max_positions"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,15 @@ _SPEC_EXAMPLE = (
 )
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence a model with this transformers ``config`` takes, in tokens, or None if it names none."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 @dataclass
 class ModelArch:
     """The live modules of one model that attribution needs.
@@ -94,12 +103,7 @@ class ModelArch:
 
     @property
     def max_positions(self) -> int | None:
-        config = self.model.config
-        for name in ("max_position_embeddings", "n_positions"):
-            value = getattr(config, name, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        return max_positions(self.model.config)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits, float32, of final-normed hidden states ``[..., D] -> [..., V]``.

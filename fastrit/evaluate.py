@@ -7,6 +7,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from .arch import max_positions
 from .data import RagData, normalize_answer, prompts
 
 __all__ = ["evaluate"]
@@ -45,8 +46,9 @@ def evaluate(
 ):
     """Exact match (SQuAD-normalised, against any answer) of ``model``'s greedy answer per condition.
 
-    Each condition's prompts come from :func:`fastrit.data.prompts` (``k``, ``template``, ``seed``); records it
-    skips are left out of that condition's score (and logged). Batches of ``batch_size`` left-padded prompts go
+    Each condition's prompts come from :func:`fastrit.data.prompts` (``k``, ``template``, ``seed``), bounded so
+    that prompt and ``max_new_tokens`` fit the model's maximum positions; records it skips are left out of that
+    condition's score (and logged). Batches of ``batch_size`` left-padded prompts go
     through ``model.generate``; the answer is the generated text up to the end-of-sequence token. The model is
     put in eval mode while generating and given back in the mode it had.
 
@@ -59,13 +61,18 @@ def evaluate(
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
     if isinstance(conditions, str):
         conditions = (conditions,)
+    positions = max_positions(model.config)
+    max_length = None if positions is None else positions - max_new_tokens
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt in {positions} positions")
     scores: dict[str, float] = {}
     predictions: dict[str, list[dict]] = {}
     was_training = model.training
     model.eval()
     try:
         for condition in conditions:
-            batch_prompts = prompts(data, tokenizer, condition=condition, k=k, template=template, seed=seed)
+            batch_prompts = prompts(data, tokenizer, condition=condition, k=k, template=template,
+                                    max_length=max_length, seed=seed)
             if batch_prompts.skipped:
                 logger.info("fastrit.evaluate %s: skipped %s", condition, batch_prompts.skipped)
             rows = []

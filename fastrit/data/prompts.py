@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..arch import max_positions
 from .rag import RagData
 
 __all__ = ["CONDITIONS", "DEFAULT_TEMPLATE", "RagPrompts", "prompts"]
@@ -140,6 +141,16 @@ def _fit(question, answer, passages, needed_kinds, formatter, tokenizer, max_len
         victim["text"] = " ".join(kept[: max(1, len(kept) - max(1, over))])
 
 
+def _default_max_length(tokenizer, model) -> int:
+    if model is not None:
+        limit = max_positions(getattr(model, "config", model))
+        if limit is None:
+            raise ValueError("model: its config names no maximum positions; pass max_length")
+        return limit
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else 1 << 62  # transformers' "no limit" is huge
+
+
 def prompts(
     data: RagData,
     tokenizer,
@@ -149,19 +160,21 @@ def prompts(
     template: str | None = None,
     max_length: int | None = None,
     seed: int = 0,
+    model=None,
 ) -> RagPrompts:
     """One prompt per record of ``data`` in ``condition`` ("relevant", "irrelevant" or "noisy"), with its first
     answer as target tokens. ``template``: None (``DEFAULT_TEMPLATE``), a format string with ``{passages}`` and
     ``{question}``, or "chat" (the tokenizer's chat template). ``max_length`` bounds prompt + answer[:-1] in
-    tokens (default: the tokenizer's ``model_max_length`` when it is a real limit). Deterministic from ``seed``.
+    tokens; by default it is the maximum positions of ``model`` (a transformers model or config) when one is
+    given, else the tokenizer's ``model_max_length`` when that is a real limit, else none. Deterministic from
+    ``seed``.
     """
     if condition not in CONDITIONS:
         raise ValueError(f"condition: expected one of {CONDITIONS}, got {condition!r}")
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k: expected a positive integer, got {k!r}")
     if max_length is None:
-        limit = getattr(tokenizer, "model_max_length", None)
-        max_length = limit if isinstance(limit, int) and limit < 1_000_000 else 1 << 62
+        max_length = _default_max_length(tokenizer, model)
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length: expected a positive integer, got {max_length!r}")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -12,9 +12,11 @@ a parquet file that does not open, a field of the wrong type) raises ValueError 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +199,13 @@ def _file_kind(path: Path) -> str:
     return path.suffix[1:]
 
 
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (other sources are cached there) or already gone
+        pass
+
+
 def load(source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict, *, split: str | None = None) -> RagData:
     """RAG QA records from a JSONL / JSON / parquet file, a ``datasets.Dataset``, or one ``split`` of a
     ``datasets.DatasetDict``, in the canonical schema. Logs one summary line (kept, skipped by reason)."""
@@ -220,13 +229,25 @@ def load(source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict, *,
     else:
         raise TypeError(f"source: expected a file path, a datasets.Dataset or DatasetDict, got {type(source).__name__}")
 
+    # Each source gets its own cache folder, so that a load that fails can remove everything it wrote (the
+    # datasets builder leaves lock files and folders behind on failure) while a later load of the same,
+    # unchanged source still reuses the cache.
+    key = hashlib.sha256(f"{kind}\0{fingerprint}".encode()).hexdigest()[:24]
+    cache_dir = Path(datasets.config.HF_DATASETS_CACHE) / "fastrit_load" / key
+    new_folders = [folder for folder in (cache_dir, *cache_dir.parents) if not folder.exists()]
     try:
         rows = datasets.Dataset.from_generator(
-            _rows, features=_LOAD_FEATURES, gen_kwargs={"kind": kind, "source": arg, "fingerprint": fingerprint}
+            _rows, features=_LOAD_FEATURES, cache_dir=str(cache_dir),
+            gen_kwargs={"kind": kind, "source": arg, "fingerprint": fingerprint},
         )
-    except datasets.exceptions.DatasetGenerationError as error:
-        cause = error.__cause__
-        raise (cause if isinstance(cause, ValueError) else error) from None
+    except BaseException as error:
+        if new_folders:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            for folder in new_folders[1:]:  # the parents this load created, innermost first, if nothing else is there
+                _remove_if_empty(folder)
+        if isinstance(error, datasets.exceptions.DatasetGenerationError) and isinstance(error.__cause__, ValueError):
+            raise error.__cause__ from None
+        raise
     reasons = Counter(rows["_skip"])
     kept = reasons.pop("", 0)
     records = rows.filter(lambda skip: skip == "", input_columns="_skip").remove_columns("_skip")

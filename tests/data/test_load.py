@@ -159,3 +159,32 @@ def test_evidence_is_the_sentence_of_a_relevant_passage_with_the_answer():
     record = {"question": "q", "answers": ["Oro Vent"],
               "ctxs": [{"title": "", "text": "Oro Vent was here.", "has_answer": False}]}
     assert data.evidence(record) is None
+
+
+def test_a_failed_load_writes_nothing(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    broken_line = sources / "broken.jsonl"
+    broken_line.write_text(json.dumps(RECORDS[0]) + "\n{not json\n")
+    wrong_type = sources / "wrong.json"
+    wrong_type.write_text(json.dumps([RECORDS[0], {**RECORDS[1], "question": 7}]))
+    not_parquet = sources / "broken.parquet"
+    not_parquet.write_bytes(b"PAR1 but not really")
+
+    def failing_loads():
+        for source in (broken_line, wrong_type, not_parquet):
+            with pytest.raises(ValueError, match=str(source.name)):
+                data.load(source)
+
+    failing_loads()  # into a cache folder that does not exist yet
+    assert not cache.exists()
+
+    good = write(sources / "good.jsonl", RECORDS, "jsonl")
+    assert len(data.load(good)) == len(RECORDS)
+    written = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    failing_loads()  # beside the cache of another source
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == written
+    assert len(data.load(good)) == len(RECORDS)  # the unchanged source reuses its cache
+    assert len(list((cache / "fastrit_load").iterdir())) == 1

@@ -1,6 +1,8 @@
 """fastrit.data.prompts: the passage mix of each condition, truncation that keeps question and answer, the
 chat template, determinism, and tensors ready for fastrit.attribute."""
 
+import types
+
 import datasets
 import pytest
 
@@ -67,6 +69,18 @@ def test_truncation_keeps_question_and_answer(records, tokenizer):
             assert "Passage" in text
     tiny = data.prompts(records, tokenizer, condition="noisy", k=5, max_length=8)  # not even the question fits
     assert len(tiny) == 0 and tiny.skipped == {"longer than max_length=8": len(records)}
+
+
+def test_default_max_length_is_the_model_maximum_positions(records, tokenizer):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(max_position_embeddings=40)
+    by_model = data.prompts(records, tokenizer, condition="noisy", model=config)
+    explicit = data.prompts(records, tokenizer, condition="noisy", max_length=40)
+    assert by_model.prompt_ids == explicit.prompt_ids and by_model.skipped == explicit.skipped
+    assert by_model.prompt_ids != data.prompts(records, tokenizer, condition="noisy").prompt_ids
+    with pytest.raises(ValueError, match="model"):  # a config that names no limit
+        data.prompts(records, tokenizer, condition="noisy", model=types.SimpleNamespace(model_type="custom"))
 
 
 def test_records_without_the_needed_passages_are_skipped(tokenizer):
