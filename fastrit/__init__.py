@@ -7,6 +7,7 @@ from . import data
 from .arch import FAMILIES, ArchSpec, resolve_arch
 from .attribution import METHODS, NeuronAttribution, attribute, attribute_reference
 from .evaluate import evaluate
+from .mining import NeuronSets, mine
 from .ops import backends
 
 __version__ = "0.1.0"
@@ -16,11 +17,13 @@ __all__ = [
     "FAMILIES",
     "METHODS",
     "NeuronAttribution",
+    "NeuronSets",
     "attribute",
     "attribute_reference",
     "backends",
     "data",
     "evaluate",
+    "mine",
     "resolve_arch",
     "__version__",
 ]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .._io import atomic_path
 
 __all__ = ["NeuronAttribution"]
 
@@ -59,19 +60,11 @@ class NeuronAttribution:
         The file is written to a temporary name beside ``path`` and renamed, so an interrupted
         save never leaves a half-written file under ``path``.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": _FORMAT, "layers": json.dumps(self.layers), "settings": json.dumps(self.settings)}
         tensors = {"scores": self.scores.detach().cpu().contiguous(), "delta": self.delta.detach().cpu().contiguous()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> NeuronAttribution:

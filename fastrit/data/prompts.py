@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -161,13 +162,15 @@ def prompts(
     max_length: int | None = None,
     seed: int = 0,
     model=None,
+    indices: Sequence[int] | None = None,
 ) -> RagPrompts:
     """One prompt per record of ``data`` in ``condition`` ("relevant", "irrelevant" or "noisy"), with its first
     answer as target tokens. ``template``: None (``DEFAULT_TEMPLATE``), a format string with ``{passages}`` and
     ``{question}``, or "chat" (the tokenizer's chat template). ``max_length`` bounds prompt + answer[:-1] in
     tokens; by default it is the maximum positions of ``model`` (a transformers model or config) when one is
-    given, else the tokenizer's ``model_max_length`` when that is a real limit, else none. Deterministic from
-    ``seed``.
+    given, else the tokenizer's ``model_max_length`` when that is a real limit, else none. ``indices``: the
+    records to make prompts for (default: all), by their index in ``data``. Deterministic from ``seed`` and a
+    record's index: a record gets the same prompt whichever other records are asked for with it.
     """
     if condition not in CONDITIONS:
         raise ValueError(f"condition: expected one of {CONDITIONS}, got {condition!r}")
@@ -184,7 +187,14 @@ def prompts(
     needed = {"relevant": {True}, "irrelevant": {False}, "noisy": {True, False}}[condition]
     out = RagPrompts([], [], [], [], pad)
     skipped: Counter = Counter()
-    for index, record in enumerate(data.records):
+    if indices is None:
+        indices, rows = range(len(data.records)), data.records
+    else:
+        indices = [int(i) for i in indices]
+        if any(not 0 <= i < len(data.records) for i in indices):
+            raise ValueError(f"indices: expected record indices in [0, {len(data.records)})")
+        rows = data.records.select(indices)
+    for index, record in zip(indices, rows, strict=True):
         rng = random.Random(f"{seed}/{index}")
         chosen, reason = _select(record["ctxs"], condition, k, rng)
         if reason:

@@ -24,6 +24,7 @@ from typing import Any
 
 import datasets
 
+from .._io import atomic_path
 from .text import contains_answer
 
 __all__ = ["FEATURES", "SKIP_REASONS", "RagData", "load"]
@@ -60,19 +61,14 @@ class RagData:
         path = Path(path)
         if path.suffix not in _FILE_TYPES:
             raise ValueError(f"path: expected a {', '.join(_FILE_TYPES)} file, got {str(path)!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             if path.suffix == ".parquet":
-                self.records.to_parquet(tmp)
+                self.records.to_parquet(str(tmp))
             elif path.suffix == ".jsonl":
-                self.records.to_json(tmp, lines=True, force_ascii=False)
+                self.records.to_json(str(tmp), lines=True, force_ascii=False)
             else:
                 with open(tmp, "w", encoding="utf-8") as out:
                     json.dump(self.records.to_list(), out, ensure_ascii=False)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
 
