@@ -85,7 +85,9 @@ setup(
     version="0.1.0",
     description="Neuron-level Integrated Gradients and neuron-guided tuning for RAG language models, fast on one GPU",
     python_requires=">=3.10",
-    packages=["fastrit", "fastrit.attribution", "fastrit.data", "fastrit.demo", "fastrit.ops", "fastrit.kernels"],
+    packages=["fastrit", "fastrit.attribution", "fastrit.cli", "fastrit.data", "fastrit.demo", "fastrit.mining",
+              "fastrit.ops", "fastrit.kernels"],
+    entry_points={"console_scripts": ["fastrit = fastrit.cli:main"]},
     package_data={"fastrit.demo": ["reader/*.json", "reader/*.safetensors"]},
     package_dir={"fastrit.kernels": "kernels"},
     install_requires=[
@@ -96,14 +98,14 @@ setup(
         "numpy>=1.24",
         "bitsandbytes>=0.45",
         "datasets>=3.0",
+        "accelerate>=1.1",  # transformers needs it to load bitsandbytes 4-bit models
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": [
             "pytest>=8",
             "pytest-timeout>=2.3",
             "captum>=0.7",
-            "accelerate>=1.1",  # transformers needs it to load bitsandbytes 4-bit models
-            "matplotlib>=3.7",
             "ruff>=0.5",
         ],
     },

@@ -1,14 +1,14 @@
 """RAG QA data: records in one canonical schema on 🤗 datasets, loaded from the files users hold, and the
 answer matching (SQuAD normalisation) that has_answer, evidence and exact match share."""
 
-from .prompts import CONDITIONS, RagPrompts, prompts
+from .prompts import CONDITIONS, RagPrompts, encode_pair, prompts
 from .rag import FEATURES, SKIP_REASONS, RagData, load
 from .text import contains_answer, evidence_sentence, normalize_answer
 from .world import synthetic
 
 __all__ = [
-    "CONDITIONS", "FEATURES", "SKIP_REASONS", "RagData", "RagPrompts", "contains_answer", "evidence", "load",
-    "normalize_answer", "prompts", "synthetic",
+    "CONDITIONS", "FEATURES", "SKIP_REASONS", "RagData", "RagPrompts", "contains_answer", "encode_pair", "evidence",
+    "load", "normalize_answer", "prompts", "synthetic",
 ]
 
 

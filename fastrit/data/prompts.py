@@ -23,7 +23,7 @@ import torch
 from ..arch import max_positions
 from .rag import RagData
 
-__all__ = ["CONDITIONS", "DEFAULT_TEMPLATE", "RagPrompts", "prompts"]
+__all__ = ["CONDITIONS", "DEFAULT_TEMPLATE", "RagPrompts", "encode_pair", "prompts"]
 
 CONDITIONS = ("relevant", "irrelevant", "noisy")
 DEFAULT_TEMPLATE = "{passages}\nQuestion: {question}\nAnswer:"
@@ -107,7 +107,7 @@ class _Formatter:
         return (self.template or DEFAULT_TEMPLATE).format(passages=joined, question=question)
 
 
-def _encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """The prompt's ids and the answer's, tokenized as it continues the prompt (after one space)."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     full = tokenizer(f"{prompt} {answer}")["input_ids"]
@@ -121,7 +121,7 @@ def _fit(question, answer, passages, needed_kinds, formatter, tokenizer, max_len
     passages = [dict(p) for p in passages]
     while True:
         prompt = formatter(question, sorted(passages, key=lambda p: p["_order"]))
-        prompt_ids, answer_ids = _encode(tokenizer, prompt, answer)
+        prompt_ids, answer_ids = encode_pair(tokenizer, prompt, answer)
         over = len(prompt_ids) + len(answer_ids) - 1 - max_length
         if over <= 0 and answer_ids:
             return prompt, prompt_ids, answer_ids

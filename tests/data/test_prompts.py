@@ -83,6 +83,15 @@ def test_default_max_length_is_the_model_maximum_positions(records, tokenizer):
         data.prompts(records, tokenizer, condition="noisy", model=types.SimpleNamespace(model_type="custom"))
 
 
+def test_prompts_of_chosen_records_equal_those_of_all(records, tokenizer):
+    full = data.prompts(records, tokenizer, condition="noisy", seed=3)
+    some = data.prompts(records, tokenizer, condition="noisy", seed=3, indices=[7, 2, 40])
+    assert some.records == [7, 2, 40]
+    assert some.texts == [full.texts[full.records.index(i)] for i in (7, 2, 40)]
+    with pytest.raises(ValueError, match="indices"):
+        data.prompts(records, tokenizer, condition="noisy", indices=[len(records)])
+
+
 def test_records_without_the_needed_passages_are_skipped(tokenizer):
     rows = [
         {"question": "Who founded Tesaro ?", "answers": ["Kudoson"],

@@ -1,0 +1,121 @@
+"""Arguments and loaders that several subcommands share: the model, the data, the attribution settings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from ..attribution import METHODS
+
+__all__ = [
+    "HelpFormatter", "add_attribution_arguments", "add_data_arguments", "add_model_arguments", "load_data",
+    "load_model",
+]
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each argument's default, unless its help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", metavar="PATH_OR_NAME", default=None,
+                       help="a transformers causal LM (folder or hub name); default: the embedded reader model")
+    group.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype ('auto': as saved)")
+    group.add_argument("--device", default=None,
+                       help="cpu, cuda or cuda:N (default: cuda if available, else cpu; under torchrun each "
+                            "process takes cuda:LOCAL_RANK)")
+    group.add_argument("--load-in-4bit", action="store_true",
+                       help="load the weights in bitsandbytes NF4 (4-bit) to save memory")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, *, default_split: str = "train") -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", metavar="FILE", default=None,
+                       help="RAG QA records: .jsonl, .json or .parquet (question, answers, ctxs); default: the "
+                            f"embedded synthetic {default_split} split")
+    group.add_argument("--k", type=int, default=5, help="passages per prompt")
+    group.add_argument("--template", default=None,
+                       help="prompt template: a format string with {passages} and {question}, or 'chat' "
+                            "(default: 'Passage: ... Question: ... Answer:')")
+    group.add_argument("--seed", type=int, default=0, help="seed of the passage shuffling in prompts")
+    group.add_argument("--max-length", type=int, default=None,
+                       help="longest prompt + answer in tokens (default: the model's maximum positions)")
+    parser.set_defaults(default_split=default_split)
+
+
+def add_attribution_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("attribution (Integrated Gradients)")
+    group.add_argument("--steps", type=int, default=20, help="integration points")
+    group.add_argument("--method", choices=METHODS, default="riemann_right", help="integration rule (Captum's)")
+    group.add_argument("--objective", choices=("logprob", "prob"), default="logprob",
+                       help="logprob: sum of the answer tokens' log-probabilities; prob: p(first answer token)")
+    group.add_argument("--positions", choices=("last", "answer", "all"), default="last",
+                       help="where neurons are scored: the last prompt token, the answer-predicting positions, "
+                            "or every position")
+    group.add_argument("--batch-size", type=int, default=None,
+                       help="most IG rows per forward (default: as many as fit a 2 GiB activation budget)")
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name} asked for, but no CUDA GPU is available")
+        if device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def load_model(args: argparse.Namespace):
+    """``(model, tokenizer)`` from ``--model`` / ``--dtype`` / ``--device`` / ``--load-in-4bit``."""
+    import torch
+    import transformers
+
+    device = _device(args.device)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.model is None:
+        from .. import demo
+
+        source = demo.READER_DIR
+    else:
+        source = args.model
+        looks_local = os.sep in source or source.startswith(".") or Path(source).exists()
+        if looks_local and not Path(source).is_dir():
+            raise FileNotFoundError(f"--model: no such model folder: {source!r}")
+    kwargs: dict = {"dtype": dtype}
+    if args.load_in_4bit:
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise OSError(f"--model: cannot load {str(source)!r}: {first}") from error
+    if not args.load_in_4bit:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def load_data(args: argparse.Namespace):
+    """The RagData of ``--data``, or the embedded synthetic split."""
+    from .. import data, demo
+
+    if args.data is None:
+        return demo.load_data(args.default_split)
+    return data.load(args.data)
