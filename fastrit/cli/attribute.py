@@ -40,22 +40,27 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def _check(args: argparse.Namespace) -> None:
+    if (args.prompt is None) != (args.answer is None):
+        raise ValueError("--prompt and --answer: give both, or neither (then records come from --data)")
+    if args.prompt is not None and args.data is not None:
+        raise ValueError("--data: give either --data or --prompt/--answer, not both")
+    if args.max_examples is not None and args.max_examples < 1:
+        raise ValueError(f"--max-examples: expected a positive integer, got {args.max_examples}")
+    if args.top < 1:
+        raise ValueError(f"--top: expected a positive integer, got {args.top}")
+
+
 def _inputs(args: argparse.Namespace, model, tokenizer) -> dict:
     import torch
 
     from ..data import encode_pair, prompts
 
-    if (args.prompt is None) != (args.answer is None):
-        raise ValueError("--prompt and --answer: give both, or neither (then records come from --data)")
     if args.prompt is not None:
-        if args.data is not None:
-            raise ValueError("--data: give either --data or --prompt/--answer, not both")
         prompt_ids, answer_ids = encode_pair(tokenizer, args.prompt, args.answer)
         if not answer_ids:
             raise ValueError("--answer: tokenizes to nothing")
         return {"input_ids": torch.tensor([prompt_ids]), "target_ids": torch.tensor([answer_ids])}
-    if args.max_examples is not None and args.max_examples < 1:
-        raise ValueError(f"--max-examples: expected a positive integer, got {args.max_examples}")
     data = load_data(args)
     count = len(data) if args.max_examples is None else min(args.max_examples, len(data))
     batch = prompts(data, tokenizer, condition=args.condition, k=args.k, template=args.template,
@@ -79,8 +84,7 @@ def format_top_neurons(attribution, top: int) -> str:
 def run(args: argparse.Namespace) -> None:
     from .. import attribute
 
-    if args.top < 1:
-        raise ValueError(f"--top: expected a positive integer, got {args.top}")
+    _check(args)
     model, tokenizer = load_model(args)
     result = attribute(model, **_inputs(args, model, tokenizer), objective=args.objective,
                        positions=args.positions, steps=args.steps, method=args.method, layers=args.layers,

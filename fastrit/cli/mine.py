@@ -70,11 +70,19 @@ def format_sets_table(sets) -> str:
 
 def run_mine(args: argparse.Namespace) -> None:
     from .. import mining
+    from ..mining.miner import check_mine_arguments
 
+    check_mine_arguments(k=args.k, steps=args.steps, method=args.method, objective=args.objective,
+                         positions=args.positions, threshold=args.threshold, share=args.share, top_n=args.top_n,
+                         target_layers=args.target_layers, batch_size=args.batch_size,
+                         max_examples=args.max_examples, max_length=args.max_length)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out: {str(out)!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)  # before the model loads: an unwritable --out fails at once
+    try:  # before the model loads: an unwritable --out fails at once
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"--out: cannot create the folder {str(out)!r}: {error.strerror or error}") from error
     data = load_data(args)
     model, tokenizer = load_model(args)
     sets = mining.mine(

@@ -1,6 +1,6 @@
 """Neuron mining: attribution over RAG datasets -> NeuronSets (resumable, sharded over processes), and plots."""
 
-from .mine import CHUNK_RECORDS, mine
+from .miner import CHUNK_RECORDS, mine
 from .sets import SET_NAMES, NeuronSets
 from .stats import MINED_CONDITIONS, active_neurons
 

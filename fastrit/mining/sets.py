@@ -23,13 +23,16 @@ _FORMAT = "fastrit.NeuronSets/1"
 _UNSET = object()
 
 
-def check_selection(share: float, top_n: int | None, target_layers: int, num_layers: int) -> None:
+def check_selection(share: float, top_n: int | None, target_layers: int, num_layers: int | None) -> None:
+    """Raise ValueError naming the selection argument out of range (``num_layers`` None: no upper bound)."""
     if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
         raise ValueError(f"share: expected a number in (0, 1], got {share!r}")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
         raise ValueError(f"top_n: expected None or a positive integer, got {top_n!r}")
-    if isinstance(target_layers, bool) or not isinstance(target_layers, int) or not 0 <= target_layers <= num_layers:
-        raise ValueError(f"target_layers: expected an integer in [0, {num_layers}], got {target_layers!r}")
+    valid = isinstance(target_layers, int) and not isinstance(target_layers, bool) and target_layers >= 0
+    if not valid or (num_layers is not None and target_layers > num_layers):
+        upper = "the number of layers" if num_layers is None else num_layers
+        raise ValueError(f"target_layers: expected an integer in [0, {upper}], got {target_layers!r}")
 
 
 def _condition_set(counts: torch.Tensor, examples: int, share: float, top_n: int | None) -> torch.Tensor:

@@ -28,7 +28,7 @@ from .stats import MINED_CONDITIONS, MiningStats
 from .store import MiningStore
 from .workers import Workers
 
-__all__ = ["CHUNK_RECORDS", "mine"]
+__all__ = ["CHUNK_RECORDS", "check_mine_arguments", "mine"]
 
 logger = logging.getLogger("fastrit.mine")
 
@@ -45,6 +45,19 @@ def _check_count(name: str, value: Any, *, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name}: expected {'None or ' if optional else ''}a positive integer, got {value!r}")
+
+
+def check_mine_arguments(*, k: int, steps: int, method: str, objective: str, positions: str, threshold: float,
+                         share: float, top_n: int | None, target_layers: int, batch_size: int | None,
+                         max_examples: int | None, max_length: int | None) -> None:
+    """Raise ValueError naming the first argument of :func:`mine` that is out of range (``target_layers`` is
+    checked against the model's layers later)."""
+    check_settings(objective, positions, method, steps, batch_size)
+    _check_fraction("threshold", threshold)
+    _check_count("k", k)
+    _check_count("max_examples", max_examples, optional=True)
+    _check_count("max_length", max_length, optional=True)
+    check_selection(share, top_n, target_layers, None)
 
 
 class _ChunkAttributor:
@@ -115,12 +128,10 @@ def mine(
     model family fastrit does not know. Returns the same NeuronSets, bit for bit, however the run was split
     or resumed (given the same kernels: the same device, backend and number of threads).
     """
+    check_mine_arguments(k=k, steps=steps, method=method, objective=objective, positions=positions,
+                         threshold=threshold, share=share, top_n=top_n, target_layers=target_layers,
+                         batch_size=batch_size, max_examples=max_examples, max_length=max_length)
     data = data if isinstance(data, RagData) else load(data)
-    check_settings(objective, positions, method, steps, batch_size)
-    _check_fraction("threshold", threshold)
-    _check_count("k", k)
-    _check_count("max_examples", max_examples, optional=True)
-    _check_count("max_length", max_length, optional=True)
     arch = resolve_arch(model, spec)
     check_selection(share, top_n, target_layers, arch.num_layers)
     if max_length is None:
