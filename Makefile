@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_attribution
 	$(PY) -m benchmarks.bench_kernels
 	$(PY) -m benchmarks.bench_reader
+	$(PY) -m benchmarks.bench_mining
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastrit kernels benchmarks tests build_cuda.py setup.py
