@@ -150,14 +150,14 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few records (a smoke run)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds per provider")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     datasets.disable_progress_bars()
-    reader_records, bench_records = (16, 16) if args.quick else (208, 32)
+    reader_records, bench_records = (16, 4) if args.quick else (208, 32)
     rows = []
     for case in (reader_case(reader_records), bench_case(bench_records)):
         rows += run_case(case, args.repeats)
@@ -173,6 +173,7 @@ def main() -> None:
         writer.writerows({k: v for k, v in r.items() if k != "mean_prompt_tokens"} for r in rows)
     plot(rows, args.out / f"bench_mining{suffix}.png")
     print(f"results in {args.out}/bench_mining{suffix}.{{json,csv,png}}")
+    return rows
 
 
 if __name__ == "__main__":
