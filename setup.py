@@ -100,6 +100,7 @@ setup(
         "datasets>=3.0",
         "accelerate>=1.1",  # transformers needs it to load bitsandbytes 4-bit models
         "matplotlib>=3.7",
+        "peft>=0.13",
     ],
     extras_require={
         "test": [

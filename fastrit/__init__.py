@@ -9,6 +9,7 @@ from .attribution import METHODS, NeuronAttribution, attribute, attribute_refere
 from .evaluate import evaluate
 from .mining import NeuronSets, mine
 from .ops import backends
+from .tuning import prepare, trainable_summary
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,8 @@ __all__ = [
     "data",
     "evaluate",
     "mine",
+    "prepare",
     "resolve_arch",
+    "trainable_summary",
     "__version__",
 ]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ArchSpec", "ModelArch", "FAMILIES", "resolve_arch", "linear_weight", "max_positions"]
+__all__ = ["ArchSpec", "ModelArch", "FAMILIES", "decoder_layers", "resolve_arch", "linear_weight", "max_positions"]
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,33 @@ def _unsupported(model: nn.Module, why: str) -> ValueError:
     )
 
 
+def _find_layers(model: nn.Module, spec: ArchSpec | None) -> tuple[ArchSpec, nn.Module, nn.ModuleList]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
+    if spec is not None and not isinstance(spec, ArchSpec):
+        raise TypeError(f"spec: expected fastrit.ArchSpec or None, got {type(spec).__name__}")
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in FAMILIES:
+            raise _unsupported(model, "unknown model family")
+        spec = FAMILIES[model_type]
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        raise _unsupported(model, "not a causal LM with a base model and an output head")
+    layers = _get_path(base, spec.layers)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise _unsupported(model, f"no decoder layer list at base_model.{spec.layers}")
+    return spec, base, layers
+
+
+def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleList:
+    """The decoder layers of ``model``, in order, whatever their MLPs have become (e.g. after fastrit.prepare).
+
+    Raises as :func:`resolve_arch` for a model whose family is unknown (and no ``spec``) or that has no layer list.
+    """
+    return _find_layers(model, spec)[2]
+
+
 def resolve_arch(model: nn.Module, spec: ArchSpec | None = None) -> ModelArch:
     """Find the decoder layers, neuron sites and output head of ``model``.
 
@@ -149,23 +176,10 @@ def resolve_arch(model: nn.Module, spec: ArchSpec | None = None) -> ModelArch:
             to a layer list, linear output projections and a final norm. The message lists the
             supported families and shows how to pass a spec.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
-    if spec is not None and not isinstance(spec, ArchSpec):
-        raise TypeError(f"spec: expected fastrit.ArchSpec or None, got {type(spec).__name__}")
-    config = getattr(model, "config", None)
-    if spec is None:
-        model_type = getattr(config, "model_type", None)
-        if model_type not in FAMILIES:
-            raise _unsupported(model, "unknown model family")
-        spec = FAMILIES[model_type]
-    base = getattr(model, "base_model", None)
+    spec, base, layers = _find_layers(model, spec)
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if base is None or base is model or lm_head is None:
+    if lm_head is None:
         raise _unsupported(model, "not a causal LM with a base model and an output head")
-    layers = _get_path(base, spec.layers)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise _unsupported(model, f"no decoder layer list at base_model.{spec.layers}")
     mlp_out = [_get_path(layer, spec.mlp_out) for layer in layers]
     if any(m is None or linear_in_features(m) is None for m in mlp_out):
         raise _unsupported(model, f"no linear MLP output projection at <layer>.{spec.mlp_out}")
@@ -199,6 +213,11 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def _is_nf4_linear(module: nn.Module) -> bool:
+    # fastrit.nn.NF4Linear, recognised without importing fastrit.nn (which sits above this module)
+    return type(module).__name__ == "NF4Linear" and callable(getattr(module, "dequantize", None))
+
+
 def _is_bnb_4bit(module: nn.Module) -> bool:
     return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(
         getattr(module, "weight", None), "quant_state"
@@ -210,7 +229,7 @@ def linear_in_features(module: nn.Module) -> int | None:
     if _is_conv1d(module):
         return int(module.weight.shape[0])
     in_features = getattr(module, "in_features", None)
-    if isinstance(in_features, int) and hasattr(module, "weight"):
+    if isinstance(in_features, int) and (hasattr(module, "weight") or _is_nf4_linear(module)):
         return in_features
     return None
 
@@ -218,7 +237,8 @@ def linear_in_features(module: nn.Module) -> int | None:
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The dense weight of a linear output projection as float32 ``[out_features, in_features]``.
 
-    ``nn.Linear`` as is, GPT-2's ``Conv1D`` transposed, bitsandbytes 4-bit layers dequantized.
+    ``nn.Linear`` as is, GPT-2's ``Conv1D`` transposed, bitsandbytes 4-bit layers and fastrit's NF4Linear
+    dequantized.
     The module itself is not changed.
     """
     if _is_bnb_4bit(module):
@@ -226,6 +246,8 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
         weight = module.weight
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    if _is_nf4_linear(module):
+        return module.dequantize().float()
     if _is_conv1d(module):
         return module.weight.detach().t().float()
     if isinstance(module, nn.Linear):

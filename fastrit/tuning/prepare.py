@@ -1,0 +1,249 @@
+"""``fastrit.prepare``: a transformers model, ready for Neuro-RIT training, in place.
+
+- Deactivated neurons (by default each layer's irrelevant-exclusive set) are removed from their layer's MLP.
+- ``train="mlp"``: the MLPs of the target layers are trainable (every kept neuron, and the output bias);
+  ``train="neurons"``: only the chosen neurons of the target layers (their input rows and biases, output
+  columns); ``train="lora"``: PEFT LoRA adapters on the target layers' MLP projections.
+- Everything else is frozen; with ``quantize_frozen="nf4"`` every frozen linear layer of the decoder becomes a
+  :class:`fastrit.nn.NF4Linear` (bitsandbytes' format, fastrit's kernels). Embeddings and the output head keep
+  their dtype.
+
+Every argument is checked before the model is touched. The model keeps its class, config, ``generate`` and
+Trainer compatibility; what was done is recorded in ``model.fastrit_preparation`` (a :class:`Preparation`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..arch import decoder_layers, linear_in_features
+from ..mining import SET_NAMES, NeuronSets
+from ..nn import NeuronMLP, NF4Linear
+from ..nn.mlp_layout import MLPLayout, is_bnb_4bit, mlp_layout
+
+__all__ = ["TRAIN_MODES", "QUANTIZE_MODES", "Preparation", "prepare"]
+
+TRAIN_MODES = ("mlp", "neurons", "lora")
+QUANTIZE_MODES = (None, "nf4")
+PREPARATION_ATTR = "fastrit_preparation"
+
+
+@dataclass
+class Preparation:
+    """What :func:`prepare` did to a model.
+
+    Attributes:
+        deactivated: ``{layer: sorted int64 original neuron indices}`` removed, for every layer with any.
+        trainable_neurons: ``{layer: sorted int64 indices}`` of trainable neurons (``train="neurons"``), or every
+            kept neuron of a target layer (``train="mlp"``); empty for ``train="lora"``.
+        train_layers: the target layers.
+        settings: the arguments of :func:`prepare` (JSON values).
+    """
+
+    deactivated: dict[int, torch.Tensor]
+    trainable_neurons: dict[int, torch.Tensor]
+    train_layers: list[int]
+    settings: dict = field(default_factory=dict)
+
+
+def _index_map(name: str, value, num_layers: int, intermediate: int) -> dict[int, torch.Tensor]:
+    """``{layer: sorted unique int64 indices}`` from a ``{layer: indices}`` mapping, checked."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{name}: expected a set name or a {{layer: neuron indices}} mapping, got "
+                        f"{type(value).__name__}")
+    out = {}
+    for layer, indices in value.items():
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ValueError(f"{name}: layer {layer!r} out of range [0, {num_layers})")
+        tensor = torch.as_tensor(indices)
+        if tensor.numel() and (tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dim() != 1):
+            raise TypeError(f"{name}: layer {layer}: expected a 1-D list or tensor of integer neuron indices")
+        tensor = tensor.to(torch.int64).reshape(-1)
+        if tensor.numel() and (int(tensor.min()) < 0 or int(tensor.max()) >= intermediate):
+            raise ValueError(f"{name}: layer {layer}: neuron indices must lie in [0, {intermediate})")
+        out[layer] = torch.unique(tensor)
+    return out
+
+
+def _neuron_map(name: str, value, neuron_sets: NeuronSets | None, num_layers: int,
+                intermediate: int) -> dict[int, torch.Tensor]:
+    if isinstance(value, str):
+        if value not in SET_NAMES:
+            raise ValueError(f"{name}: expected one of {SET_NAMES} or a {{layer: indices}} mapping, got {value!r}")
+        if neuron_sets is None:
+            raise ValueError(f"{name}: {value!r} needs neuron_sets")
+        value = neuron_sets.indices(value)
+    return _index_map(name, value, num_layers, intermediate)
+
+
+def _check_neuron_sets(neuron_sets: NeuronSets | None, model: nn.Module, num_layers: int, intermediate: int) -> None:
+    if neuron_sets is None:
+        return
+    if not isinstance(neuron_sets, NeuronSets):
+        raise TypeError(f"neuron_sets: expected a fastrit.NeuronSets, got {type(neuron_sets).__name__}")
+    model_type = getattr(model.config, "model_type", None)
+    mined = neuron_sets.model.get("model_type")
+    if mined is not None and mined != model_type:
+        raise ValueError(f"neuron_sets: mined on a {mined!r} model, this is a {model_type!r} model")
+    if (neuron_sets.num_layers, neuron_sets.intermediate_size) != (num_layers, intermediate):
+        raise ValueError(f"neuron_sets: mined on {neuron_sets.num_layers} layers of {neuron_sets.intermediate_size} "
+                         f"neurons, this model has {num_layers} layers of {intermediate}")
+
+
+def _frozen_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, child)`` of every frozen linear layer under ``module`` that is not NF4 yet: nn.Linear,
+    GPT-2's Conv1D, bitsandbytes 4-bit layers."""
+    found = []
+    for parent in module.modules():
+        if isinstance(parent, NeuronMLP | NF4Linear):
+            continue
+        for name, child in parent.named_children():
+            dense = type(child) is nn.Linear or type(child).__name__ == "Conv1D"
+            if (dense or is_bnb_4bit(child)) and not any(p.requires_grad for p in child.parameters()):
+                found.append((parent, name, child))
+    return found
+
+
+def _to_nf4(child: nn.Module) -> NF4Linear:
+    if is_bnb_4bit(child):  # adopted as it is, never re-quantized
+        return NF4Linear.from_bnb(child)
+    if type(child).__name__ == "Conv1D":  # GPT-2 keeps [in, out]
+        return NF4Linear.from_weight(child.weight.detach().t(), child.bias)
+    return NF4Linear.from_linear(child)
+
+
+def prepare(
+    model: nn.Module,
+    neuron_sets: NeuronSets | None = None,
+    *,
+    deactivate: str | Mapping[int, object] | None = "irrelevant_exclusive",
+    train_layers: list[int] | None = None,
+    train: str = "mlp",
+    neurons: str | Mapping[int, object] = "relevant_exclusive",
+    quantize_frozen: str | None = "nf4",
+    lora_config=None,
+    gradient_checkpointing: bool = True,
+) -> nn.Module:
+    """Prepare ``model`` for Neuro-RIT training, in place, and return it (see the module docstring).
+
+    Args:
+        neuron_sets: mined sets (:func:`fastrit.mine`), the source of the default deactivated neurons, target
+            layers and trainable neurons.
+        deactivate: a set name of :data:`fastrit.mining.SET_NAMES`, ``{layer: indices}``, or None (nothing).
+        train_layers: the target layers (default: ``neuron_sets.target_layers``).
+        train: "mlp", "neurons" or "lora".
+        neurons: ``train="neurons"``: a set name or ``{layer: indices}`` (restricted to the target layers).
+        quantize_frozen: "nf4" (frozen decoder linear layers in NF4) or None (kept in their dtype).
+        lora_config: ``train="lora"``: a ``peft.LoraConfig`` (default: r=8, alpha=16 on the MLP projections);
+            its target modules and ``layers_to_transform`` are set to the target layers' MLPs.
+        gradient_checkpointing: enable (non-reentrant) gradient checkpointing on the decoder layers.
+
+    Raises ValueError/TypeError naming the argument, with the model untouched, for: neuron sets of another
+    model shape or type, layers or neuron indices out of range, an unknown ``train`` / ``deactivate`` /
+    ``quantize_frozen``, or a model prepared already.
+    """
+    if getattr(model, PREPARATION_ATTR, None) is not None:
+        raise ValueError("model: already prepared by fastrit.prepare; load a fresh model to prepare again")
+    if train not in TRAIN_MODES:
+        raise ValueError(f"train: expected one of {TRAIN_MODES}, got {train!r}")
+    if quantize_frozen not in QUANTIZE_MODES:
+        raise ValueError(f"quantize_frozen: expected one of {QUANTIZE_MODES}, got {quantize_frozen!r}")
+    layout = mlp_layout(model)
+    layers = decoder_layers(model)
+    num_layers = len(layers)
+    intermediate = linear_in_features(getattr(layers[0].mlp, layout.output))
+    _check_neuron_sets(neuron_sets, model, num_layers, intermediate)
+    deactivated = {} if deactivate is None else _neuron_map("deactivate", deactivate, neuron_sets, num_layers,
+                                                           intermediate)
+    deactivated = {layer: idx for layer, idx in deactivated.items() if idx.numel()}
+    if train_layers is None:
+        if neuron_sets is None:
+            raise ValueError("train_layers: give the layers to train, or neuron_sets to take its target layers")
+        train_layers = list(neuron_sets.target_layers)
+    if not isinstance(train_layers, list | tuple) or any(
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_layers for t in train_layers):
+        raise ValueError(f"train_layers: expected layer indices in [0, {num_layers}), got {train_layers!r}")
+    train_layers = sorted(set(train_layers))
+    everything = torch.arange(intermediate)
+    kept = {layer: everything[~torch.isin(everything, deactivated.get(layer, torch.empty(0, dtype=torch.long)))]
+            for layer in range(num_layers)}
+    trainable: dict[int, torch.Tensor] = {}
+    if train == "mlp":
+        trainable = {layer: kept[layer] for layer in train_layers}
+    elif train == "neurons":
+        chosen = _neuron_map("neurons", neurons, neuron_sets, num_layers, intermediate)
+        for layer in train_layers:
+            picked = chosen.get(layer, torch.empty(0, dtype=torch.long))
+            if bool(torch.isin(picked, deactivated.get(layer, torch.empty(0, dtype=torch.long))).any()):
+                raise ValueError(f"neurons: layer {layer}: a trainable neuron is also deactivated")
+            trainable[layer] = picked
+    elif lora_config is not None and type(lora_config).__name__ != "LoraConfig":
+        raise TypeError(f"lora_config: expected a peft.LoraConfig, got {type(lora_config).__name__}")
+
+    # --- nothing above changed the model; from here on it is modified -------------------------------------
+    model.requires_grad_(False)
+    quantize = quantize_frozen == "nf4"
+    for layer_index, layer in enumerate(layers):
+        if layer_index in deactivated or layer_index in trainable:
+            lora_target = train == "lora" and layer_index in train_layers  # PEFT wraps dense layers only
+            layer.mlp = NeuronMLP.from_mlp(
+                layer.mlp, layout, keep=kept[layer_index],
+                train=trainable.get(layer_index, torch.empty(0, dtype=torch.long)),
+                quantize_frozen=quantize and not lora_target,
+                train_out_bias=train == "mlp" and layer_index in trainable, mask_frozen=lora_target,
+            )
+    if train == "lora":
+        _inject_lora(model, layout, train_layers, lora_config)
+    for layer_index, layer in enumerate(layers):
+        lora_mlp = train == "lora" and layer_index in train_layers
+        for parent, name, child in _frozen_linears(layer):
+            if lora_mlp and parent is layer.mlp:
+                continue  # LoRA's base layers stay as PEFT wraps them
+            if quantize or is_bnb_4bit(child):  # bitsandbytes layers run on fastrit's kernels in any case
+                setattr(parent, name, _to_nf4(child))
+    if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        enable_checkpointing(model)
+    settings = {"deactivate": deactivate if isinstance(deactivate, str | None) else "explicit",
+                "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
+                "quantize_frozen": quantize_frozen, "gradient_checkpointing": gradient_checkpointing}
+    setattr(model, PREPARATION_ATTR, Preparation(deactivated, trainable if train != "lora" else {},
+                                                 train_layers, settings))
+    return model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing on the decoder layers, with backward stopping at the lowest layer
+    that holds a trainable parameter.
+
+    transformers also makes the input embeddings' output require grad when it enables checkpointing (needed by
+    reentrant checkpointing only); that would carry the backward pass, and the activations it saves, down through
+    every frozen layer to the embeddings. It is undone here: non-reentrant checkpointing needs no input gradient.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers releases before activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+
+
+def _inject_lora(model: nn.Module, layout: MLPLayout, train_layers: list[int], lora_config) -> None:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    # the latter three: a NeuronMLP's frozen projections (dense in LoRA target layers)
+    names = [*layout.inputs, layout.output, "frozen_in.0", "frozen_in.1", "frozen_out"]
+    config = copy.deepcopy(lora_config) if lora_config is not None else LoraConfig(r=8, lora_alpha=16,
+                                                                                   lora_dropout=0.0)
+    config.target_modules = names
+    config.layers_to_transform = train_layers
+    config.fan_in_fan_out = layout.conv1d
+    with warnings.catch_warnings():  # PEFT corrects fan_in_fan_out per layer (NeuronMLP's are nn.Linear)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
+        inject_adapter_in_model(config, model)
