@@ -9,7 +9,7 @@ from .attribution import METHODS, NeuronAttribution, attribute, attribute_refere
 from .evaluate import evaluate
 from .mining import NeuronSets, mine
 from .ops import backends
-from .tuning import prepare, trainable_summary
+from .tuning import export, load_delta, prepare, save_delta, trainable_summary
 
 __version__ = "0.1.0"
 
@@ -24,9 +24,12 @@ __all__ = [
     "backends",
     "data",
     "evaluate",
+    "export",
+    "load_delta",
     "mine",
     "prepare",
     "resolve_arch",
+    "save_delta",
     "trainable_summary",
     "__version__",
 ]

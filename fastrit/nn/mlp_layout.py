@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["MLP_LAYOUTS", "MLPLayout", "MLPWeights", "dense_weight", "is_bnb_4bit", "mlp_layout"]
+__all__ = ["MLP_LAYOUTS", "MLPLayout", "MLPWeights", "dense_weight", "is_bnb_4bit", "is_conv1d", "mlp_layout"]
 
 
 @dataclass(frozen=True)
@@ -74,18 +74,23 @@ def is_bnb_4bit(module: nn.Module) -> bool:
     )
 
 
-def dense_weight(module: nn.Module, conv1d: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [out, in], bias)`` of a linear layer, detached: nn.Linear as is, GPT-2's Conv1D (``conv1d``)
-    transposed, fastrit's NF4Linear and bitsandbytes' 4-bit layers dequantized (in their original dtype), a PEFT LoRA
-    layer as its base weight plus its active adapters' deltas."""
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' Conv1D (GPT-2), which stores its weight ``[in, out]``."""
+    return type(module).__name__ == "Conv1D"
+
+
+def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [out, in], bias)`` of a linear layer, detached: nn.Linear as is, GPT-2's Conv1D transposed,
+    fastrit's NF4Linear and bitsandbytes' 4-bit layers dequantized (in their original dtype), a PEFT LoRA layer as
+    its base weight plus its active adapters' deltas."""
     from .nf4_linear import NF4Linear
 
     if callable(getattr(module, "get_delta_weight", None)) and hasattr(module, "base_layer"):  # a PEFT LoRA layer
-        weight, bias = dense_weight(module.base_layer, conv1d)
-        delta = sum(module.get_delta_weight(name).detach() for name in module.active_adapters
-                    if name in getattr(module, "lora_A", {}))
-        if isinstance(delta, torch.Tensor):
-            weight = weight + (delta.t() if conv1d else delta).to(weight.dtype)
+        weight, bias = dense_weight(module.base_layer)
+        for name in module.active_adapters:
+            if name in getattr(module, "lora_A", {}):
+                delta = module.get_delta_weight(name).detach()  # [in, out] when fan_in_fan_out (Conv1D bases)
+                weight = weight + (delta.t() if getattr(module, "fan_in_fan_out", False) else delta).to(weight.dtype)
         return weight, bias
     if is_bnb_4bit(module):
         module = NF4Linear.from_bnb(module)
@@ -96,7 +101,7 @@ def dense_weight(module: nn.Module, conv1d: bool = False) -> tuple[torch.Tensor,
         raise TypeError(f"model: expected a dense linear layer, got {type(module).__name__}")
     weight = weight.detach()
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-    return (weight.t() if conv1d else weight), bias
+    return (weight.t() if is_conv1d(module) else weight), bias
 
 
 @dataclass
@@ -119,7 +124,7 @@ class MLPWeights:
     def read(cls, mlp: nn.Module, layout: MLPLayout) -> MLPWeights:
         inputs, biases = [], []
         for name in layout.inputs:
-            weight, bias = dense_weight(getattr(mlp, name), layout.conv1d)
+            weight, bias = dense_weight(getattr(mlp, name))
             if layout.fused:
                 half = weight.shape[0] // 2
                 inputs += [weight[:half], weight[half:]]
@@ -127,7 +132,7 @@ class MLPWeights:
             else:
                 inputs.append(weight)
                 biases.append(bias)
-        output, output_bias = dense_weight(getattr(mlp, layout.output), layout.conv1d)
+        output, output_bias = dense_weight(getattr(mlp, layout.output))
         return cls(inputs, biases, output, output_bias)
 
     @property

@@ -146,7 +146,7 @@ class NeuronMLP(nn.Module):
         others[frozen] = False
         modules = []
         for name in layout.inputs:
-            weight, bias = dense_weight(getattr(mlp, name), layout.conv1d)
+            weight, bias = dense_weight(getattr(mlp, name))
             rows = others.repeat(2) if layout.fused else others
             weight = weight.masked_fill(rows[:, None], 0)
             bias = None if bias is None else bias.masked_fill(rows, 0)

@@ -1,6 +1,10 @@
-"""Tuning: prepare a model (deactivate, freeze, quantize, choose what trains) and summarise it."""
+"""Tuning: prepare a model (deactivate, freeze, quantize, choose what trains), summarise it, export it as a plain
+transformers checkpoint, and share what changed as a delta."""
 
+from .delta import load_delta, save_delta
+from .export import export
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, Preparation, prepare
 from .summary import trainable_summary
 
-__all__ = ["QUANTIZE_MODES", "TRAIN_MODES", "Preparation", "prepare", "trainable_summary"]
+__all__ = ["QUANTIZE_MODES", "TRAIN_MODES", "Preparation", "export", "load_delta", "prepare", "save_delta",
+           "trainable_summary"]

@@ -5,8 +5,12 @@
   ``train="neurons"``: only the chosen neurons of the target layers (their input rows and biases, output
   columns); ``train="lora"``: PEFT LoRA adapters on the target layers' MLP projections.
 - Everything else is frozen; with ``quantize_frozen="nf4"`` every frozen linear layer of the decoder becomes a
-  :class:`fastrit.nn.NF4Linear` (bitsandbytes' format, fastrit's kernels). Embeddings and the output head keep
-  their dtype.
+  :class:`fastrit.nn.NF4Linear` (bitsandbytes' format, fastrit's kernels), LoRA's base layers included (QLoRA).
+  Embeddings and the output head keep their dtype. A model loaded in 4 bits through transformers'
+  ``BitsAndBytesConfig`` is taken as it is: its bitsandbytes layers are adopted as NF4Linear holding the same
+  bytes (never re-quantized), whatever ``quantize_frozen`` says.
+- Backward stops at the lowest trainable layer: nothing below it requires grad or saves activations
+  (see :func:`enable_checkpointing`).
 
 Every argument is checked before the model is touched. The model keeps its class, config, ``generate`` and
 Trainer compatibility; what was done is recorded in ``model.fastrit_preparation`` (a :class:`Preparation`).
@@ -15,6 +19,7 @@ Trainer compatibility; what was done is recorded in ``model.fastrit_preparation`
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -44,12 +49,14 @@ class Preparation:
             kept neuron of a target layer (``train="mlp"``); empty for ``train="lora"``.
         train_layers: the target layers.
         settings: the arguments of :func:`prepare` (JSON values).
+        lora_config: ``train="lora"``: the LoRA configuration applied, as JSON values (``LoraConfig(**it)``).
     """
 
     deactivated: dict[int, torch.Tensor]
     trainable_neurons: dict[int, torch.Tensor]
     train_layers: list[int]
     settings: dict = field(default_factory=dict)
+    lora_config: dict | None = None
 
 
 def _index_map(name: str, value, num_layers: int, intermediate: int) -> dict[int, torch.Tensor]:
@@ -191,20 +198,16 @@ def prepare(
     quantize = quantize_frozen == "nf4"
     for layer_index, layer in enumerate(layers):
         if layer_index in deactivated or layer_index in trainable:
-            lora_target = train == "lora" and layer_index in train_layers  # PEFT wraps dense layers only
+            lora_target = train == "lora" and layer_index in train_layers
             layer.mlp = NeuronMLP.from_mlp(
                 layer.mlp, layout, keep=kept[layer_index],
                 train=trainable.get(layer_index, torch.empty(0, dtype=torch.long)),
-                quantize_frozen=quantize and not lora_target,
+                quantize_frozen=quantize and not lora_target,  # PEFT wraps dense layers; quantized below
                 train_out_bias=train == "mlp" and layer_index in trainable, mask_frozen=lora_target,
             )
-    if train == "lora":
-        _inject_lora(model, layout, train_layers, lora_config)
-    for layer_index, layer in enumerate(layers):
-        lora_mlp = train == "lora" and layer_index in train_layers
+    applied_lora = _inject_lora(model, layout, train_layers, lora_config) if train == "lora" else None
+    for layer in layers:  # LoRA's base layers too (QLoRA): PEFT wrapped them while they were dense
         for parent, name, child in _frozen_linears(layer):
-            if lora_mlp and parent is layer.mlp:
-                continue  # LoRA's base layers stay as PEFT wraps them
             if quantize or is_bnb_4bit(child):  # bitsandbytes layers run on fastrit's kernels in any case
                 setattr(parent, name, _to_nf4(child))
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
@@ -213,7 +216,7 @@ def prepare(
                 "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
                 "quantize_frozen": quantize_frozen, "gradient_checkpointing": gradient_checkpointing}
     setattr(model, PREPARATION_ATTR, Preparation(deactivated, trainable if train != "lora" else {},
-                                                 train_layers, settings))
+                                                 train_layers, settings, applied_lora))
     return model
 
 
@@ -234,7 +237,8 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.disable_input_require_grads()
 
 
-def _inject_lora(model: nn.Module, layout: MLPLayout, train_layers: list[int], lora_config) -> None:
+def _inject_lora(model: nn.Module, layout: MLPLayout, train_layers: list[int], lora_config) -> dict:
+    """Add LoRA adapters to the target layers' MLP projections with PEFT; returns the config as JSON values."""
     from peft import LoraConfig, inject_adapter_in_model
 
     # the latter three: a NeuronMLP's frozen projections (dense in LoRA target layers)
@@ -247,3 +251,5 @@ def _inject_lora(model: nn.Module, layout: MLPLayout, train_layers: list[int], l
     with warnings.catch_warnings():  # PEFT corrects fan_in_fan_out per layer (NeuronMLP's are nn.Linear)
         warnings.filterwarnings("ignore", message="fan_in_fan_out is set to")
         inject_adapter_in_model(config, model)
+    return json.loads(json.dumps({key: sorted(value) if isinstance(value, set) else value
+                                  for key, value in config.to_dict().items()}, default=str))

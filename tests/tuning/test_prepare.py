@@ -94,13 +94,13 @@ def _dequantized_reference(original, prepared):
                 getattr(ref_layer.mlp, layout.output).weight.copy_(dense.output.t() if conv1d else dense.output)
             for name, module in prep_layer.named_modules():
                 if isinstance(module, NF4Linear) and not name.startswith("mlp.frozen"):
-                    target = ref_layer.get_submodule(name)
+                    target = ref_layer.get_submodule(name.replace(".base_layer", ""))  # LoRA's base (QLoRA)
                     weight = module.dequantize()
                     target.weight.copy_(weight.t() if conv1d else weight)
     return reference
 
 
-@pytest.mark.parametrize("train", ["mlp", "neurons"])
+@pytest.mark.parametrize("train", ["mlp", "neurons", "lora"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_nf4_frozen_weights_equal_the_dequantized_original(family, train):
     original = build_tiny_model(family)
