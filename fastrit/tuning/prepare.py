@@ -8,7 +8,8 @@
   :class:`fastrit.nn.NF4Linear` (bitsandbytes' format, fastrit's kernels), LoRA's base layers included (QLoRA).
   Embeddings and the output head keep their dtype. A model loaded in 4 bits through transformers'
   ``BitsAndBytesConfig`` is taken as it is: its bitsandbytes layers are adopted as NF4Linear holding the same
-  bytes (never re-quantized), whatever ``quantize_frozen`` says.
+  bytes (never re-quantized), whatever ``quantize_frozen`` says; transformers' quantizer record is then removed
+  from the model (``hf_quantizer.remove_quantization_config``), so that a Trainer takes it like any model.
 - Backward stops at the lowest trainable layer: nothing below it requires grad or saves activations
   (see :func:`enable_checkpointing`).
 
@@ -210,6 +211,11 @@ def prepare(
         for parent, name, child in _frozen_linears(layer):
             if quantize or is_bnb_4bit(child):  # bitsandbytes layers run on fastrit's kernels in any case
                 setattr(parent, name, _to_nf4(child))
+    if getattr(model, "hf_quantizer", None) is not None and not any(is_bnb_4bit(m) for m in model.modules()):
+        # every bitsandbytes layer is an NF4Linear now: nothing is left for transformers' quantizer to manage
+        # (a Trainer would refuse the model as "purely quantized"); transformers' own way of saying so
+        model.hf_quantizer.remove_quantization_config(model)
+        model.is_loaded_in_4bit = False
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         enable_checkpointing(model)
     settings = {"deactivate": deactivate if isinstance(deactivate, str | None) else "explicit",

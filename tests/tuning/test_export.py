@@ -255,3 +255,11 @@ def test_a_model_loaded_in_4bit_is_adopted_without_requantizing(tmp_path):
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
     _train(model)  # gradients flow through the adopted 4-bit layers
     assert all(torch.equal(m.packed.reshape(-1), adopted[n]) for n, m in model.named_modules() if n in adopted)
+    import datasets
+    import transformers
+
+    rows = [{"input_ids": _ids(30 + i)[0].tolist(), "labels": _ids(30 + i)[0].tolist()} for i in range(4)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2,
+                                          report_to=[], save_strategy="no", use_cpu=True)
+    result = transformers.Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows)).train()
+    assert result.global_step == 1
