@@ -3,8 +3,9 @@ transformers checkpoint, and share what changed as a delta."""
 
 from .delta import load_delta, save_delta
 from .export import export
+from .loss import causal_lm_loss
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, Preparation, prepare
 from .summary import trainable_summary
 
-__all__ = ["QUANTIZE_MODES", "TRAIN_MODES", "Preparation", "export", "load_delta", "prepare", "save_delta",
-           "trainable_summary"]
+__all__ = ["QUANTIZE_MODES", "TRAIN_MODES", "Preparation", "causal_lm_loss", "export", "load_delta", "prepare",
+           "save_delta", "trainable_summary"]
