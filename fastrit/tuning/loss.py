@@ -3,8 +3,10 @@
 transformers' ``model(input_ids, labels=...)`` forms the logits of every position (``[B, T, V]``) in float32,
 then their log-softmax and, in backward, their gradient: at Llama-3's 128 K vocabulary and 2048 tokens, 1 GiB
 per copy. :func:`causal_lm_loss` takes the hidden states of the positions that predict a label only (the answer
-tokens, for an answer-only loss), and sends them through the output head ``chunk_size`` positions at a time under
-activation checkpointing, so that at most one chunk's logits exist at once, in forward and in backward.
+tokens, for an answer-only loss) and sends them through the output head ``chunk_size`` positions at a time; each
+chunk's gradient with respect to the hidden states (and the head, if it trains) is formed right there, from the
+chunk's softmax, so at most one chunk's logits exist at once and nothing is recomputed in backward: the same
+matrix products as the plain loss, in far less memory.
 """
 
 from __future__ import annotations
@@ -12,18 +14,55 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss"]
 
 IGNORE_INDEX = -100
 
 
-def _chunk_loss(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, targets, reduction="sum")
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``head(hidden)`` against ``targets``, chunk by chunk, its gradients formed in
+    forward (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, softcap, chunk_size):
+        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, targets.numel(), chunk_size):
+            part = slice(start, start + chunk_size)
+            h, t = hidden[part], targets[part]
+            logits = F.linear(h, weight, bias).float()  # as transformers: the head in the model's dtype, then fp32
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            log_z = torch.logsumexp(logits, dim=-1)
+            total += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (needs_hidden or needs_weight or needs_bias):
+                continue
+            grad = torch.exp(logits - log_z[:, None])  # d(sum of losses)/d logits = softmax - one_hot
+            grad[torch.arange(t.numel(), device=t.device), t] -= 1
+            if softcap:  # through tanh(x / c) * c: 1 - tanh^2 = 1 - (capped / c)^2
+                grad *= 1 - (logits / softcap) ** 2
+            if needs_hidden:
+                grad_hidden[part] = grad.to(weight.dtype) @ weight
+            if needs_weight:
+                grad_weight += grad.t() @ h.float()
+            if needs_bias:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
+        ctx.present = (needs_hidden, needs_weight, needs_bias)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        grads = []
+        for present, dtype in zip(ctx.present, ctx.dtypes, strict=True):
+            grads.append((next(saved) * grad_total).to(dtype) if present else None)
+        return (*grads, None, None, None)
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -56,10 +95,9 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     picked = targets != IGNORE_INDEX
     hidden = hidden[:, :-1][picked]  # [N, D]: only the positions that predict a label
     targets = targets[picked]
-    total = hidden.float().sum() * 0.0  # keeps the graph when nothing is labelled
-    for start in range(0, targets.numel(), chunk_size):
-        part = slice(start, start + chunk_size)
-        total = total + checkpoint(_chunk_loss, hidden[part], targets[part], head, softcap, use_reentrant=False)
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"model: expected an nn.Linear output head, got {type(head).__name__}")
+    total = _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, softcap, chunk_size)
     count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)
