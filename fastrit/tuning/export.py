@@ -25,19 +25,16 @@ from torch import nn
 
 from ..nn import NeuronMLP, NF4Linear
 from ..nn.mlp_layout import dense_weight, is_conv1d, mlp_layout
-from .prepare import PREPARATION_ATTR
+from .prepare import PREPARATION_ATTR, meta_copy
 
 __all__ = ["export"]
 
 
 def _skeleton(model: nn.Module) -> nn.Module:
-    """The model's class built from its config on the meta device: the original module types and state-dict keys,
-    no memory."""
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    with torch.device("meta"):
-        return type(model)(config)
+    skeleton = meta_copy(model)
+    if skeleton is None:
+        raise ValueError(f"model: cannot rebuild {type(model).__name__} from its config to find its original layout")
+    return skeleton
 
 
 def _bnb_tensors(name: str, layer: NF4Linear) -> dict[str, torch.Tensor]:

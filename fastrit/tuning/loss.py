@@ -18,6 +18,8 @@ from torch import nn
 __all__ = ["IGNORE_INDEX", "causal_lm_loss"]
 
 IGNORE_INDEX = -100
+#: default chunk: positions x vocabulary float32 logits of at most 64 MiB
+CHUNK_LOGITS = 2**24
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -41,10 +43,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
             total += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if not (needs_hidden or needs_weight or needs_bias):
                 continue
-            grad = torch.exp(logits - log_z[:, None])  # d(sum of losses)/d logits = softmax - one_hot
+            # through tanh(x / c) * c: 1 - tanh^2 = 1 - (capped / c)^2
+            through_cap = 1 - (logits / softcap) ** 2 if softcap else None
+            grad = logits.sub_(log_z[:, None]).exp_()  # in place: d(sum of losses)/d logits = softmax - one_hot
             grad[torch.arange(t.numel(), device=t.device), t] -= 1
-            if softcap:  # through tanh(x / c) * c: 1 - tanh^2 = 1 - (capped / c)^2
-                grad *= 1 - (logits / softcap) ** 2
+            if through_cap is not None:
+                grad *= through_cap
             if needs_hidden:
                 grad_hidden[part] = grad.to(weight.dtype) @ weight
             if needs_weight:
@@ -66,7 +70,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
 
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None, *, chunk_size: int = 1024,
+                   attention_mask: torch.Tensor | None = None, *, chunk_size: int | None = None,
                    num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions, as transformers' causal-LM loss.
 
@@ -76,7 +80,8 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
         input_ids: ``[B, T]`` int64; ``labels``: ``[B, T]`` int64, ``-100`` where no loss is taken; position
             ``t``'s hidden state predicts ``labels[:, t + 1]`` (the shift transformers applies).
         attention_mask: ``[B, T]`` or None.
-        chunk_size: labelled positions per pass through the head.
+        chunk_size: labelled positions per pass through the head; default: as many as keep one chunk's float32
+            logits within 64 MiB (``2**24 // vocabulary`` positions, at least 1; 130 at Llama-3's 128,256).
         num_items_in_batch: divide the summed loss by this instead of the number of labelled positions (the
             Trainer's gradient-accumulation normalisation).
 
@@ -86,17 +91,19 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     if input_ids.shape != labels.shape or input_ids.dim() != 2:
         raise ValueError(f"labels: expected the shape of input_ids [B, T] {list(input_ids.shape)}, "
                          f"got {list(labels.shape)}")
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise TypeError(f"model: expected an nn.Linear output head, got {type(head).__name__}")
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_LOGITS // head.out_features)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    head = model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     targets = labels[:, 1:]
     picked = targets != IGNORE_INDEX
     hidden = hidden[:, :-1][picked]  # [N, D]: only the positions that predict a label
     targets = targets[picked]
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"model: expected an nn.Linear output head, got {type(head).__name__}")
     total = _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, softcap, chunk_size)
     count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
     if isinstance(count, torch.Tensor):

@@ -194,9 +194,48 @@ def prepare(
     elif lora_config is not None and type(lora_config).__name__ != "LoraConfig":
         raise TypeError(f"lora_config: expected a peft.LoraConfig, got {type(lora_config).__name__}")
 
-    # --- nothing above changed the model; from here on it is modified -------------------------------------
+    # --- nothing above changed the model. The changes are rehearsed on a copy of it on the meta device (no memory),
+    # so that anything that would fail half-way (e.g. a LoraConfig PEFT refuses) fails before the model is touched.
+    plan = dict(layout=layout, deactivated=deactivated, trainable=trainable, kept=kept, train=train,
+                train_layers=train_layers, lora_config=lora_config)
+    skeleton = meta_copy(model)
+    if skeleton is not None:
+        _modify(skeleton, **plan, quantize=False)
+    applied_lora = _modify(model, **plan, quantize=quantize_frozen == "nf4")
+    if getattr(model, "hf_quantizer", None) is not None and not any(is_bnb_4bit(m) for m in model.modules()):
+        # every bitsandbytes layer is an NF4Linear now: nothing is left for transformers' quantizer to manage
+        # (a Trainer would refuse the model as "purely quantized"); transformers' own way of saying so
+        model.hf_quantizer.remove_quantization_config(model)
+        model.is_loaded_in_4bit = False
+    if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        enable_checkpointing(model)
+    settings = {"deactivate": deactivate if isinstance(deactivate, str | None) else "explicit",
+                "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
+                "quantize_frozen": quantize_frozen, "gradient_checkpointing": gradient_checkpointing}
+    setattr(model, PREPARATION_ATTR, Preparation(deactivated, trainable if train != "lora" else {},
+                                                 train_layers, settings, applied_lora))
+    return model
+
+
+def meta_copy(model: nn.Module) -> nn.Module | None:
+    """The model's class built from its config on the meta device (the original module types and parameter names,
+    no memory), or None where that does not build."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    try:
+        with torch.device("meta"):
+            return type(model)(config)
+    except Exception:  # noqa: BLE001 - a model class that cannot be built from its config: no rehearsal
+        return None
+
+
+def _modify(model: nn.Module, *, layout: MLPLayout, deactivated: dict, trainable: dict, kept: dict, train: str,
+            train_layers: list[int], lora_config, quantize: bool) -> dict | None:
+    """Freeze, rebuild the MLPs, add LoRA and quantize (the checked plan of :func:`prepare`); the LoRA config
+    applied, as JSON values, or None."""
     model.requires_grad_(False)
-    quantize = quantize_frozen == "nf4"
+    layers = decoder_layers(model)
     for layer_index, layer in enumerate(layers):
         if layer_index in deactivated or layer_index in trainable:
             lora_target = train == "lora" and layer_index in train_layers
@@ -211,19 +250,7 @@ def prepare(
         for parent, name, child in _frozen_linears(layer):
             if quantize or is_bnb_4bit(child):  # bitsandbytes layers run on fastrit's kernels in any case
                 setattr(parent, name, _to_nf4(child))
-    if getattr(model, "hf_quantizer", None) is not None and not any(is_bnb_4bit(m) for m in model.modules()):
-        # every bitsandbytes layer is an NF4Linear now: nothing is left for transformers' quantizer to manage
-        # (a Trainer would refuse the model as "purely quantized"); transformers' own way of saying so
-        model.hf_quantizer.remove_quantization_config(model)
-        model.is_loaded_in_4bit = False
-    if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        enable_checkpointing(model)
-    settings = {"deactivate": deactivate if isinstance(deactivate, str | None) else "explicit",
-                "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
-                "quantize_frozen": quantize_frozen, "gradient_checkpointing": gradient_checkpointing}
-    setattr(model, PREPARATION_ATTR, Preparation(deactivated, trainable if train != "lora" else {},
-                                                 train_layers, settings, applied_lora))
-    return model
+    return applied_lora
 
 
 def enable_checkpointing(model: nn.Module) -> None:

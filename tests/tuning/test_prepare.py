@@ -257,3 +257,23 @@ def test_backward_stops_at_the_lowest_trainable_layer(train, checkpointing):
     assert model.is_activation_checkpointing == checkpointing
     assert needs_grad == {0: False, 1: False, 2: True}  # nothing below layer 2 is part of the backward graph
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_a_failure_while_modifying_is_rehearsed_on_a_meta_copy_and_leaves_the_model_untouched(monkeypatch):
+    import importlib
+
+    prepare_module = importlib.import_module("fastrit.tuning.prepare")  # the module, not the function
+
+    def failing_injection(*args, **kwargs):
+        raise ValueError("lora_config: PEFT refused it")
+
+    monkeypatch.setattr(prepare_module, "_inject_lora", failing_injection)
+    model = build_tiny_model("llama")
+    before = copy.deepcopy(model.state_dict())
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="^lora_config"):
+        fastrit.prepare(model, deactivate=DEACTIVATE, train_layers=TRAIN_LAYERS, train="lora")
+    assert [type(m) for m in model.modules()] == modules
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad for p in model.parameters())
+    assert getattr(model, "fastrit_preparation", None) is None
