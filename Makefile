@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_kernels
 	$(PY) -m benchmarks.bench_reader
 	$(PY) -m benchmarks.bench_mining
+	$(PY) -m benchmarks.bench_prepare
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastrit kernels benchmarks tests build_cuda.py setup.py

@@ -1,0 +1,40 @@
+"""The prepare benchmark runs end to end (tiny model, every provider in its own process) and writes its results."""
+
+import json
+import math
+
+from benchmarks import bench_prepare
+
+
+def test_quick_benchmark_writes_results(tmp_path):
+    rows = bench_prepare.main(["--quick", "--out", str(tmp_path)])
+    assert [r["provider"] for r in rows] == list(bench_prepare.PROVIDERS)
+    for r in rows:
+        for key in ("rss_after_imports_mib", "rss_prepared_mib", "peak_rss_mib", "peak_over_start_mib", "step_s",
+                    "step_min_s", "step_max_s", "step_cpu_s", "first_loss", "last_loss"):
+            assert math.isfinite(r[key]) and r[key] > 0, (r["provider"], key, r[key])
+        assert r["peak_rss_mib"] >= r["rss_prepared_mib"] and r["peak_rss_mib"] >= r["rss_after_imports_mib"]
+        assert r["step_min_s"] <= r["step_s"] <= r["step_max_s"]
+        trains = r["kind"] != "floor"
+        ratios = ("peak_vs_plain", "peak_over_start_vs_plain", "step_vs_plain")
+        for key in ("trainable_params", "changing_params", *ratios):
+            assert (math.isfinite(r[key]) and r[key] > 0) if trains else not r[key], (r["provider"], key, r[key])
+        # the head + loss floor is subtracted only where the model's own loss runs
+        if not trains or r["loss"] != "model":
+            assert r["excl_head_vs_plain"] is None, r["provider"]
+        else:
+            assert r["excl_head_vs_plain"] is None or math.isfinite(r["excl_head_vs_plain"]), r["provider"]
+    by_name = {r["provider"]: r for r in rows}
+    for train in ("mlp", "neurons", "lora"):
+        assert by_name[f"plain {train}"]["peak_vs_plain"] == by_name[f"plain {train}"]["step_vs_plain"] == 1.0
+    # the plain way changes only the chosen neurons, and fastrit trains as many parameters
+    assert by_name["plain neurons"]["plain_neurons_others_unchanged"] is True
+    assert by_name["plain neurons"]["changing_params"] == by_name["fastrit neurons"]["trainable_params"]
+    assert by_name["plain neurons"]["trainable_params"] > by_name["plain neurons"]["changing_params"]
+    assert by_name["plain lora"]["trainable_params"] == by_name["fastrit lora"]["trainable_params"]
+    saved = json.loads((tmp_path / "bench_prepare_quick.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert {"platform", "cpu_count", "torch", "transformers", "peft"} <= set(saved["env"])
+    assert saved["settings"]["targets"] == bench_prepare.QUICK["targets"]
+    assert (tmp_path / "bench_prepare_quick.csv").read_text().startswith("provider,kind,train,")
+    assert (tmp_path / "bench_prepare_quick.png").stat().st_size > 0
