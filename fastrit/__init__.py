@@ -9,7 +9,7 @@ from .attribution import METHODS, NeuronAttribution, attribute, attribute_refere
 from .evaluate import evaluate
 from .mining import NeuronSets, mine
 from .ops import backends
-from .tuning import export, load_delta, prepare, save_delta, trainable_summary
+from .tuning import NeuroRITTrainer, export, load_delta, prepare, save_delta, trainable_summary, tune
 
 __version__ = "0.1.0"
 
@@ -19,6 +19,7 @@ __all__ = [
     "METHODS",
     "NeuronAttribution",
     "NeuronSets",
+    "NeuroRITTrainer",
     "attribute",
     "attribute_reference",
     "backends",
@@ -31,5 +32,6 @@ __all__ = [
     "resolve_arch",
     "save_delta",
     "trainable_summary",
+    "tune",
     "__version__",
 ]

@@ -197,6 +197,8 @@ def prompts(
     for index, record in zip(indices, rows, strict=True):
         rng = random.Random(f"{seed}/{index}")
         chosen, reason = _select(record["ctxs"], condition, k, rng)
+        if not record["answers"]:  # fastrit.data.load drops these; a RagData built by hand may hold them
+            reason = "no answer"
         if reason:
             skipped[reason] += 1
             continue

@@ -5,7 +5,9 @@ from .delta import load_delta, save_delta
 from .export import export
 from .loss import causal_lm_loss
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, Preparation, prepare
+from .stages import STAGES, stage_data
 from .summary import trainable_summary
+from .trainer import NeuroRITTrainer, tune
 
-__all__ = ["QUANTIZE_MODES", "TRAIN_MODES", "Preparation", "causal_lm_loss", "export", "load_delta", "prepare",
-           "save_delta", "trainable_summary"]
+__all__ = ["QUANTIZE_MODES", "STAGES", "TRAIN_MODES", "NeuroRITTrainer", "Preparation", "causal_lm_loss", "export",
+           "load_delta", "prepare", "save_delta", "stage_data", "trainable_summary", "tune"]

@@ -13,7 +13,8 @@ from tests.ops.conftest import BACKENDS
 
 bnb = pytest.importorskip("bitsandbytes")
 bnbf = pytest.importorskip("bitsandbytes.functional")
-from bitsandbytes.backends.default.ops import _dequantize_4bit_compute  # noqa: E402
+from tests.ops.test_nf4 import bnb_cpu_kernel_is_right  # noqa: E402
+from tests.ops.test_nf4 import bnb_dequantize_definition as bnb_definition  # noqa: E402
 
 SHAPES = [(7, 5), (1000, 63), (1, 1), (96, 128), (10, 100)]  # [out, in]: odd numel, odd in, one value, ...
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
@@ -35,22 +36,6 @@ def make_weight(shape, dtype=torch.float32, seed=0):
 def make_linear(in_features, out_features, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return torch.nn.Linear(in_features, out_features).to(dtype)
-
-
-def bnb_definition(packed, state):
-    """bitsandbytes' own dequantization (its default backend), right for every shape."""
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
-        absmax += state.offset
-    code = bnbf.get_4bit_type("nf4", device=packed.device)
-    return _dequantize_4bit_compute(packed.reshape(-1), absmax.float(), code, state.blocksize, state.shape, state.dtype)
-
-
-def bnb_cpu_kernel_is_right(shape, blocksize):
-    # bitsandbytes 0.50's AVX512 CPU dequantize_4bit indexes blocks per row: right only when the last dimension
-    # is a multiple of the block size (or odd, where it falls back to its definition); see tests/ops/test_nf4.py
-    return shape[-1] % blocksize == 0 or shape[-1] % 2 == 1
 
 
 def bnb_linear4bit(linear, quant_type="nf4", compress_statistics=True):

@@ -1,0 +1,99 @@
+"""The training examples of Neuro-RIT's two stages, as 🤗 datasets of token ids with labels on the target only.
+
+- ``"denoise"``: a noisy-context prompt (fastrit.data.prompts, condition "noisy": relevant and irrelevant passages
+  mixed) followed by the first gold answer and the end token; the loss is on the answer and the end token.
+- ``"distill"``: the same prompt followed by ``Evidence: <the evidence sentence> Answer: <answer>`` and the end
+  token (fastrit.data.evidence: the first sentence of a relevant passage that contains an answer); the loss is on
+  that whole target. Records without evidence are skipped and counted (``"no_evidence"``), as are targets that no
+  longer fit ``max_length`` (``"too_long"``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+
+from .. import data as rag
+from ..data import RagData
+
+__all__ = ["STAGES", "StageData", "collate", "stage_data"]
+
+STAGES = ("denoise", "distill")
+IGNORE_INDEX = -100
+
+
+@dataclass
+class StageData:
+    """One stage's examples: ``dataset`` has columns ``input_ids`` and ``labels`` (lists of int, the same length;
+    labels ``-100`` on the prompt), ``records`` the record index of each row, ``skipped`` counts by reason."""
+
+    dataset: datasets.Dataset
+    records: list[int]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def distill_target(record: dict) -> str | None:
+    """``Evidence: <sentence> Answer: <first answer>``, or None when the record has no evidence sentence."""
+    sentence = rag.evidence(record)
+    if sentence is None:
+        return None
+    return f"Evidence: {sentence} Answer: {record['answers'][0]}"
+
+
+def stage_data(data: RagData, tokenizer, stage: str, *, k: int = 5, template: str | None = None,
+               max_length: int | None = None, seed: int = 0, model=None) -> StageData:
+    """The examples of ``stage`` ("denoise" or "distill") from ``data`` (see the module docstring).
+
+    ``k``, ``template``, ``max_length``, ``seed`` and ``model`` are those of :func:`fastrit.data.prompts`; the
+    end token (``tokenizer.eos_token_id``) closes every target when the tokenizer has one.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
+    if not isinstance(data, RagData):
+        raise TypeError(f"data: expected fastrit.data.RagData, got {type(data).__name__}")
+    built = rag.prompts(data, tokenizer, condition="noisy", k=k, template=template, max_length=max_length,
+                        seed=seed, model=model)
+    skipped = Counter(built.skipped)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
+    rows: dict[str, list] = {"input_ids": [], "labels": []}
+    records = []
+    for text, prompt, answer, index in zip(built.texts, built.prompt_ids, built.target_ids, built.records,
+                                           strict=True):
+        if stage == "distill":
+            target_text = distill_target(data.records[index])
+            if target_text is None:
+                skipped["no_evidence"] += 1
+                continue
+            prompt, answer = rag.encode_pair(tokenizer, text, target_text)
+        target = answer + eos
+        if limit is not None and limit < 10**9 and len(prompt) + len(target) - 1 > limit:
+            skipped["too_long"] += 1
+            continue
+        rows["input_ids"].append(prompt + target)
+        rows["labels"].append([IGNORE_INDEX] * len(prompt) + target)
+        records.append(index)
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int64")),
+                                  "labels": datasets.Sequence(datasets.Value("int64"))})
+    return StageData(datasets.Dataset.from_dict(rows, features=features), records, dict(skipped))
+
+
+def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad ``input_ids`` (with ``pad_token_id``) and ``labels`` (with -100) into ``[B, T]`` int64 tensors,
+    with the ``attention_mask``."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        input_ids[row, :n] = torch.as_tensor(feature["input_ids"])
+        labels[row, :n] = torch.as_tensor(feature["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
