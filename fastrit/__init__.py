@@ -9,7 +9,17 @@ from .attribution import METHODS, NeuronAttribution, attribute, attribute_refere
 from .evaluate import evaluate
 from .mining import NeuronSets, mine
 from .ops import backends
-from .tuning import NeuroRITTrainer, export, load_delta, prepare, save_delta, trainable_summary, tune
+from .tuning import (
+    MemoryPlan,
+    NeuroRITTrainer,
+    export,
+    load_delta,
+    plan_memory,
+    prepare,
+    save_delta,
+    trainable_summary,
+    tune,
+)
 
 __version__ = "0.1.0"
 
@@ -17,6 +27,7 @@ __all__ = [
     "ArchSpec",
     "FAMILIES",
     "METHODS",
+    "MemoryPlan",
     "NeuronAttribution",
     "NeuronSets",
     "NeuroRITTrainer",
@@ -28,6 +39,7 @@ __all__ = [
     "export",
     "load_delta",
     "mine",
+    "plan_memory",
     "prepare",
     "resolve_arch",
     "save_delta",

@@ -4,10 +4,13 @@ transformers checkpoint, and share what changed as a delta."""
 from .delta import load_delta, save_delta
 from .export import export
 from .loss import causal_lm_loss
+from .plan import MemoryPlan, plan_memory
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, Preparation, prepare
 from .stages import STAGES, stage_data
 from .summary import trainable_summary
 from .trainer import NeuroRITTrainer, tune
 
-__all__ = ["QUANTIZE_MODES", "STAGES", "TRAIN_MODES", "NeuroRITTrainer", "Preparation", "causal_lm_loss", "export",
-           "load_delta", "prepare", "save_delta", "stage_data", "trainable_summary", "tune"]
+__all__ = [
+    "QUANTIZE_MODES", "STAGES", "TRAIN_MODES", "MemoryPlan", "NeuroRITTrainer", "Preparation", "causal_lm_loss",
+    "export", "load_delta", "plan_memory", "prepare", "save_delta", "stage_data", "trainable_summary", "tune",
+]

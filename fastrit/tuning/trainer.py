@@ -33,7 +33,7 @@ from .loss import causal_lm_loss
 from .prepare import PREPARATION_ATTR, prepare
 from .stages import STAGES, collate, stage_data
 
-__all__ = ["DELTA_NAME", "NeuroRITTrainer", "OPTIMIZERS", "tune"]
+__all__ = ["DELTA_NAME", "NeuroRITTrainer", "OPTIMIZERS", "answer_loss", "tune"]
 
 DELTA_NAME = "fastrit_delta.safetensors"
 #: optimizer name -> transformers TrainingArguments ``optim`` (8-bit AdamW is paged on CUDA)
@@ -138,6 +138,7 @@ def tune(
     loss_chunk_size: int | None = None,
     progress: bool = True,
     callbacks: Sequence[transformers.TrainerCallback] | None = None,
+    eval_data: RagData | None = None,
     **prepare_kwargs,
 ) -> nn.Module:
     """Neuro-RIT on ``model``: :func:`fastrit.prepare` (unless it is prepared already), then each stage of
@@ -159,6 +160,9 @@ def tune(
         k, template, max_length: prompt construction (fastrit.data.prompts).
         loss_chunk_size: positions per pass through the output head (fastrit.tuning.causal_lm_loss).
         callbacks: transformers TrainerCallbacks for every stage's Trainer.
+        eval_data: held-out records: the answer loss on their noisy-context prompts (the denoise examples) is
+            measured before training and after each stage, logged, and written to ``output_dir/eval_loss.json``
+            (``{"before": ..., "<stage>": ...}``, mean per answer token).
         prepare_kwargs: passed to :func:`fastrit.prepare` (train, train_layers, deactivate, neurons, ...).
 
     Everything is checked before training starts: unknown stage names, data of the wrong type, records without
@@ -203,6 +207,17 @@ def tune(
     write_text_atomic(run_file, json.dumps({"fingerprint": _fingerprint(settings), "settings": settings},
                                            indent=1, default=str))
     cuda = next(model.parameters()).is_cuda
+    eval_set = None
+    if eval_data is not None:
+        eval_set = stage_data(eval_data, tokenizer, "denoise", k=k, template=template, max_length=max_length,
+                              seed=seed, model=model).dataset
+        if len(eval_set) == 0:
+            raise ValueError("eval_data: no noisy-context example could be built from it")
+    eval_file = output_dir / "eval_loss.json"
+    losses = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+    if eval_set is not None and "before" not in losses:
+        losses["before"] = answer_loss(model, eval_set, tokenizer)
+        write_text_atomic(eval_file, json.dumps(losses, indent=1))
     for number, stage in enumerate(stages, start=1):
         stage_dir = output_dir / f"{number}-{stage}"
         done = stage_dir / "delta.safetensors"
@@ -226,4 +241,28 @@ def tune(
         last = transformers.trainer_utils.get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
         trainer.train(resume_from_checkpoint=last)
         save_delta(model, done)
+        if eval_set is not None:
+            losses[stage] = answer_loss(model, eval_set, tokenizer)
+            write_text_atomic(eval_file, json.dumps(losses, indent=1))
+            transformers.logging.get_logger(__name__).warning(f"fastrit.tune: noisy-context answer loss {losses}")
     return model
+
+
+def answer_loss(model: nn.Module, examples, tokenizer, *, batch_size: int = 32) -> float:
+    """Mean cross-entropy per target token of ``examples`` (a stage dataset: input_ids and labels), no grad."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))], pad)
+                tokens = int((batch["labels"][:, 1:] != -100).sum())
+                loss = causal_lm_loss(model, batch["input_ids"].to(model.device), batch["labels"].to(model.device),
+                                      batch["attention_mask"].to(model.device))
+                total += float(loss) * tokens
+                count += tokens
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)

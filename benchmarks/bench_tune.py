@@ -1,0 +1,80 @@
+"""Two-stage Neuro-RIT tuning of the embedded reader on its synthetic data: the noisy-context answer loss on dev
+prompts before tuning, after stage 1 (denoise) and after stage 2 (distill), and the time of each phase.
+
+Pipeline: ``fastrit.mine`` on ``--mine-records`` train records (IG, ``--mine-steps`` steps) -> ``fastrit.tune``
+with prepare's defaults (deactivate the irrelevant-exclusive neurons, train the target layers' MLPs, frozen
+layers in NF4) on ``--train-records`` train records, ``--steps`` optimizer steps per stage (batch 16, lr 1e-3,
+8-bit AdamW), the loss measured on the noisy-context prompts of ``--dev-records`` dev records.
+Results: ``benchmarks/results/bench_tune.json``. Run: ``python -m benchmarks.bench_tune``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+import fastrit
+from fastrit import data, demo
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _subset(split: str, n: int) -> data.RagData:
+    full = demo.load_data(split)
+    return data.RagData(full.records.select(range(min(n, len(full)))))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few records and steps (a smoke run)")
+    parser.add_argument("--mine-records", type=int, default=400)
+    parser.add_argument("--mine-steps", type=int, default=8)
+    parser.add_argument("--train-records", type=int, default=4000)
+    parser.add_argument("--dev-records", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.mine_records, args.mine_steps, args.train_records, args.dev_records, args.steps = 16, 2, 64, 16, 2
+    torch.manual_seed(0)
+    model, tokenizer = demo.load_model()
+    seconds = {}
+    start = time.perf_counter()
+    sets = fastrit.mine(model, tokenizer, _subset("train", args.mine_records), steps=args.mine_steps,
+                        progress=False)
+    seconds["mine"] = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        fastrit.tune(model, tokenizer, _subset("train", args.train_records), sets, output_dir=Path(tmp) / "run",
+                     max_steps=args.steps, batch_size=16, learning_rate=1e-3, warmup=0.1, save_steps=10**6,
+                     logging_steps=max(1, args.steps // 5), eval_data=_subset("dev", args.dev_records),
+                     progress=False)
+        seconds["tune"] = time.perf_counter() - start
+        losses = json.loads((Path(tmp) / "run" / "eval_loss.json").read_text())
+    summary = fastrit.trainable_summary(model, print_table=False)
+    result = {
+        "noisy_answer_loss": losses, "seconds": seconds, "target_layers": sets.target_layers,
+        "deactivated": summary["total"]["deactivated_neurons"], "trainable_params": summary["total"]["trainable"],
+        "settings": vars(args) | {"out": str(args.out)},
+        "env": {"platform": platform.platform(), "torch": metadata.version("torch"),
+                "transformers": metadata.version("transformers"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+    }
+    print(f"noisy-context answer loss on {args.dev_records} dev records: before {losses['before']:.4f}, "
+          f"after denoise {losses['denoise']:.4f}, after distill {losses['distill']:.4f}")
+    print(f"target layers {sets.target_layers}, {result['deactivated']} neurons deactivated, "
+          f"{result['trainable_params']:,} trainable; mine {seconds['mine']:.0f} s, tune {seconds['tune']:.0f} s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "bench_tune_quick.json" if args.quick else "bench_tune.json"
+    (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""``fastrit.plan_memory``: how much memory a Neuro-RIT training run takes, before anything is loaded.
+
+The model is built on the meta device and prepared with :func:`fastrit.prepare` exactly as a run would prepare
+it, so the trainable parameters (names, shapes, count) are prepare's own; the rest is arithmetic over the
+config: bytes of each stored tensor, of the optimizer's states, and of the activations the backward pass keeps.
+
+Breakdown (bytes, at the peak, which is the backward pass of the lowest trainable layer's neighbourhood):
+
+- ``frozen weights``: NF4 decoder projections (half a byte per value, plus one absmax byte per 64 values and
+  the nested statistics with double quantization), or dense ones; norms; embeddings and output head in ``dtype``;
+- ``trainable weights``, ``gradients`` (the trainable parameters' dtype, as the Trainer keeps them);
+- ``optimizer states``: bitsandbytes 8-bit AdamW: two uint8 states per value plus two float32 absmax per 256
+  values (tensors under 4,096 values keep float32 states); torch AdamW: two states in the parameters' dtype;
+- ``saved activations``: with gradient checkpointing, each decoder layer from the lowest trainable one up keeps
+  its input (``B x T x H``), and one layer at a time is recomputed (its attention and MLP intermediates); without
+  it, every such layer keeps its intermediates;
+- ``logits and loss``: fastrit.tuning.causal_lm_loss: one chunk of float32 logits and its softmax, and the
+  hidden-state gradient of the labelled positions;
+- ``workspace``: the largest frozen projection dequantized once (forward and backward dequantize one at a time).
+
+Activations assume every position is labelled and attention that keeps no ``T x T`` matrix (SDPA's flash or
+memory-efficient kernels); an integer ``train_layers`` places the target layers lowest in the stack (the most
+backward: an upper bound).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from torch import nn
+
+from .loss import CHUNK_LOGITS
+from .prepare import QUANTIZE_MODES, TRAIN_MODES, prepare
+
+__all__ = ["BUILT_IN_CONFIGS", "MemoryPlan", "plan_memory"]
+
+GIB = 1024**3
+
+#: built-in names -> transformers config (the published shapes; no weights needed)
+BUILT_IN_CONFIGS = {
+    "llama-3-8b": lambda: transformers.LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
+    "mistral-7b": lambda: transformers.MistralConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=32768, tie_word_embeddings=False),
+    "qwen2-7b": lambda: transformers.Qwen2Config(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=32768, tie_word_embeddings=False),
+    "gemma-2-9b": lambda: transformers.Gemma2Config(
+        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, max_position_embeddings=8192, tie_word_embeddings=True),
+}
+OPTIMIZERS = ("adamw8bit", "adamw")
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps float32 optimizer states for smaller tensors
+BNB_STATE_BLOCK = 256
+
+
+@dataclass
+class MemoryPlan:
+    """Predicted peak memory of one training step, and its parts (bytes)."""
+
+    peak_bytes: int
+    trainable_params: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    def table(self) -> str:
+        width = max(len(k) for k in self.breakdown)
+        lines = [f"{name:<{width}}  {value / GIB:8.3f} GiB" for name, value in self.breakdown.items()]
+        lines.append(f"{'peak':<{width}}  {self.peak_gib:8.3f} GiB   ({self.trainable_params:,} trainable)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _config(config) -> transformers.PretrainedConfig:
+    if isinstance(config, str):
+        if config not in BUILT_IN_CONFIGS:
+            raise ValueError(f"config: unknown name {config!r}; built-in: {sorted(BUILT_IN_CONFIGS)} "
+                             "(or pass a transformers config)")
+        return BUILT_IN_CONFIGS[config]()
+    if not isinstance(config, transformers.PretrainedConfig):
+        raise TypeError(f"config: expected a transformers config or a built-in name, got {type(config).__name__}")
+    return config
+
+
+def _nf4_bytes(numel: int, nested: bool = True) -> int:
+    blocks = math.ceil(numel / 64)
+    absmax = blocks if nested else 4 * blocks
+    return (numel + 1) // 2 + absmax + (4 * math.ceil(blocks / 256) + 4 * 256 + 4 if nested else 0)
+
+
+def _optimizer_bytes(param: nn.Parameter, optimizer: str, dtype_bytes: int) -> int:
+    n = param.numel()
+    if optimizer == "adamw":
+        return 2 * n * dtype_bytes
+    if n < BNB_MIN_8BIT_SIZE:
+        return 2 * 4 * n
+    return 2 * n + 2 * 4 * math.ceil(n / BNB_STATE_BLOCK)
+
+
+def plan_memory(
+    config,
+    *,
+    seq_len: int = 2048,
+    batch_size: int = 1,
+    train: str = "mlp",
+    train_layers: int | list[int] = 3,
+    neurons: int | None = None,
+    quantize_frozen: str | None = "nf4",
+    optimizer: str = "adamw8bit",
+    gradient_checkpointing: bool = True,
+    dtype: str = "bfloat16",
+    lora_r: int = 8,
+) -> MemoryPlan:
+    """The memory one training step of a prepared model takes (see the module docstring).
+
+    Args:
+        config: a transformers config, or "llama-3-8b", "mistral-7b", "qwen2-7b", "gemma-2-9b".
+        train_layers: the target layers, or their number (placed lowest: an upper bound).
+        neurons: ``train="neurons"``: trainable neurons per target layer.
+        lora_r: ``train="lora"``: the adapters' rank.
+    """
+    config = _config(config)
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    if train not in TRAIN_MODES:
+        raise ValueError(f"train: expected one of {TRAIN_MODES}, got {train!r}")
+    if quantize_frozen not in QUANTIZE_MODES:
+        raise ValueError(f"quantize_frozen: expected one of {QUANTIZE_MODES}, got {quantize_frozen!r}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    layers = config.num_hidden_layers
+    if isinstance(train_layers, int) and not isinstance(train_layers, bool):
+        if not 1 <= train_layers <= layers:
+            raise ValueError(f"train_layers: expected 1 to {layers} layers, got {train_layers}")
+        train_layers = list(range(train_layers))
+    intermediate = config.intermediate_size
+    if train == "neurons":
+        if isinstance(neurons, bool) or not isinstance(neurons, int) or not 1 <= neurons <= intermediate:
+            raise ValueError(f"neurons: expected the trainable neurons per target layer, 1 to {intermediate}")
+    torch_dtype = DTYPES[dtype]
+    size = torch.empty((), dtype=torch_dtype).element_size()
+    config = config.__class__.from_dict(config.to_dict())
+    config.dtype = torch_dtype
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    kwargs = dict(deactivate=None, train_layers=train_layers, train=train, quantize_frozen=None,
+                  gradient_checkpointing=False)
+    if train == "neurons":
+        kwargs["neurons"] = {layer: list(range(neurons)) for layer in train_layers}
+    if train == "lora":
+        from peft import LoraConfig
+
+        kwargs["lora_config"] = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0)
+    prepare(model, **kwargs)
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable_params = sum(p.numel() for p in trainable)
+    frozen = 0
+    largest_projection = 0
+    head = model.get_output_embeddings()
+    for module in model.modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if getattr(tensor, "requires_grad", False) or tensor is None:
+                continue
+            dense_linear = isinstance(module, nn.Linear) and name == "weight" and module is not head
+            if dense_linear and quantize_frozen == "nf4":
+                frozen += _nf4_bytes(tensor.numel())
+                largest_projection = max(largest_projection, tensor.numel())
+            else:
+                frozen += tensor.numel() * tensor.element_size()
+    if head is not None and head.weight is model.get_input_embeddings().weight:
+        frozen -= head.weight.numel() * head.weight.element_size()  # tied: counted once
+    tokens = batch_size * seq_len
+    hidden = config.hidden_size
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    per_layer = tokens * size * (4 * hidden + q + 2 * kv * head_dim + q + 3 * intermediate)
+    backward_layers = layers - min(train_layers)
+    if gradient_checkpointing:
+        saved = backward_layers * tokens * hidden * size + per_layer
+    else:
+        saved = backward_layers * per_layer
+    vocab = config.vocab_size
+    chunk = max(1, CHUNK_LOGITS // vocab)
+    logits = 2 * min(chunk, tokens) * vocab * 4 + tokens * hidden * size
+    breakdown = {
+        "frozen weights": frozen,
+        "trainable weights": trainable_params * size,
+        "gradients": trainable_params * size,
+        "optimizer states": sum(_optimizer_bytes(p, optimizer, size) for p in trainable),
+        "saved activations": saved,
+        "logits and loss": logits,
+        "workspace": largest_projection * size,
+    }
+    settings = dict(seq_len=seq_len, batch_size=batch_size, train=train, train_layers=train_layers, neurons=neurons,
+                    quantize_frozen=quantize_frozen, optimizer=optimizer,
+                    gradient_checkpointing=gradient_checkpointing, dtype=dtype, model_type=config.model_type)
+    return MemoryPlan(sum(breakdown.values()), trainable_params, breakdown, settings)

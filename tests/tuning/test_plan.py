@@ -1,0 +1,42 @@
+"""fastrit.plan_memory: the trainable parameters are prepare's own (a real tiny model prepared the same way), the
+parts add up, the paper's Llama-3-8B setting, and bad input."""
+
+import pytest
+import torch
+
+import fastrit
+from fastrit.tuning.plan import plan_memory
+from tests.tiny_models import build_tiny_model, tiny_config
+
+
+@pytest.mark.parametrize("train", ["mlp", "neurons", "lora"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gpt_neox"])
+def test_trainable_params_are_those_prepare_creates(family, train):
+    plan = plan_memory(tiny_config(family), train=train, train_layers=[1, 2], neurons=5, seq_len=16)
+    kwargs = dict(deactivate=None, train_layers=[1, 2], train=train, quantize_frozen="nf4")
+    if train == "neurons":
+        kwargs["neurons"] = {1: list(range(5)), 2: list(range(5))}
+    model = fastrit.prepare(build_tiny_model(family), **kwargs)
+    assert plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert plan.peak_bytes == sum(plan.breakdown.values()) > 0
+
+
+def test_llama_3_8b_in_the_papers_setting():
+    mlp = plan_memory("llama-3-8b", seq_len=2048, batch_size=1, train="mlp", train_layers=3)
+    assert mlp.trainable_params == 528_482_304 == 3 * 3 * 4096 * 14336
+    neurons = plan_memory("llama-3-8b", train="neurons", neurons=1433)
+    assert neurons.trainable_params == 3 * 3 * 4096 * 1433
+    plain = plan_memory("llama-3-8b", quantize_frozen=None, optimizer="adamw", gradient_checkpointing=False)
+    assert neurons.peak_bytes < mlp.peak_bytes < plain.peak_bytes
+    assert "frozen weights" in str(mlp) and "peak" in mlp.table()
+
+
+def test_bad_input_names_the_argument():
+    for kwargs, argument in [(dict(config="llama-9000"), "config"), (dict(config=3), "config"),
+                             (dict(train="all"), "train"), (dict(optimizer="sgd"), "optimizer"),
+                             (dict(train="neurons"), "neurons"), (dict(train_layers=99), "train_layers"),
+                             (dict(seq_len=0), "seq_len"), (dict(dtype="int8"), "dtype"),
+                             (dict(quantize_frozen="int4"), "quantize_frozen")]:
+        with pytest.raises((ValueError, TypeError), match=f"^{argument}"):
+            plan_memory(**{"config": "llama-3-8b", **kwargs})
+    assert torch.empty(0).device.type == "cpu"  # nothing was left on the meta device by default
