@@ -11,13 +11,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import attribute, mine
+from . import attribute, mine, tune
 from ._common import HelpFormatter
 
 __all__ = ["main"]
 
 # each group module has add_parsers(subparsers) and sets `run` (a function of the parsed args) on its parsers
-_GROUPS = (attribute, mine)
+_GROUPS = (attribute, mine, tune)
 
 _USER_ERRORS = (OSError, ValueError, TypeError, KeyError)
 

@@ -15,7 +15,7 @@ Breakdown (bytes, at the peak, which is the backward pass of the lowest trainabl
   its input (``B x T x H``), and one layer at a time is recomputed (its attention and MLP intermediates); without
   it, every such layer keeps its intermediates;
 - ``logits and loss``: fastrit.tuning.causal_lm_loss: one chunk of float32 logits and its softmax, and the
-  hidden-state gradient of the labelled positions;
+  hidden-state gradient of the labelled positions (``loss="model"``: the whole logits, as the model's own loss);
 - ``workspace``: the largest frozen projection dequantized once (forward and backward dequantize one at a time).
 
 Activations assume every position is labelled and attention that keeps no ``T x T`` matrix (SDPA's flash or
@@ -122,6 +122,7 @@ def plan_memory(
     gradient_checkpointing: bool = True,
     dtype: str = "bfloat16",
     lora_r: int = 8,
+    loss: str = "chunked",
 ) -> MemoryPlan:
     """The memory one training step of a prepared model takes (see the module docstring).
 
@@ -130,6 +131,8 @@ def plan_memory(
         train_layers: the target layers, or their number (placed lowest: an upper bound).
         neurons: ``train="neurons"``: trainable neurons per target layer.
         lora_r: ``train="lora"``: the adapters' rank.
+        loss: "chunked" (fastrit.tuning.causal_lm_loss, what NeuroRITTrainer uses) or "model" (the model's own
+            loss: the whole ``[B, T, V]`` float32 logits, their log-softmax and their gradient).
     """
     config = _config(config)
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
@@ -141,6 +144,8 @@ def plan_memory(
         raise ValueError(f"quantize_frozen: expected one of {QUANTIZE_MODES}, got {quantize_frozen!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+    if loss not in ("chunked", "model"):
+        raise ValueError(f"loss: expected 'chunked' or 'model', got {loss!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
     layers = config.num_hidden_layers
@@ -198,7 +203,10 @@ def plan_memory(
         saved = backward_layers * per_layer
     vocab = config.vocab_size
     chunk = max(1, CHUNK_LOGITS // vocab)
-    logits = 2 * min(chunk, tokens) * vocab * 4 + tokens * hidden * size
+    if loss == "chunked":
+        logits = 2 * min(chunk, tokens) * vocab * 4 + tokens * hidden * size
+    else:
+        logits = 3 * tokens * vocab * 4 + (tokens * vocab * size if size != 4 else 0)
     breakdown = {
         "frozen weights": frozen,
         "trainable weights": trainable_params * size,
@@ -210,5 +218,6 @@ def plan_memory(
     }
     settings = dict(seq_len=seq_len, batch_size=batch_size, train=train, train_layers=train_layers, neurons=neurons,
                     quantize_frozen=quantize_frozen, optimizer=optimizer,
-                    gradient_checkpointing=gradient_checkpointing, dtype=dtype, model_type=config.model_type)
+                    gradient_checkpointing=gradient_checkpointing, dtype=dtype, loss=loss,
+                    model_type=config.model_type)
     return MemoryPlan(sum(breakdown.values()), trainable_params, breakdown, settings)

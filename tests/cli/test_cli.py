@@ -11,7 +11,7 @@ import torch
 from fastrit import NeuronAttribution, NeuronSets
 from fastrit.cli import build_parser, main
 
-SUBCOMMANDS = ("attribute", "mine", "plot")
+SUBCOMMANDS = ("attribute", "mine", "plot", "tune", "plan")
 
 
 def test_help_lists_the_subcommands_and_every_argument_documents_itself(capsys):

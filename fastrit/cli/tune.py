@@ -1,0 +1,177 @@
+"""``fastrit tune`` (prepare, then Neuro-RIT's two stages) and ``fastrit plan`` (the memory a run will take)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ._common import HelpFormatter, add_data_arguments, add_model_arguments, load_data, load_model
+
+__all__ = ["add_parsers", "per_stage"]
+
+STAGE_NAMES = ("denoise", "distill")
+
+
+def per_stage(kind):
+    """An argparse type: ``VALUE`` for every stage, or ``denoise=VALUE,distill=VALUE``."""
+
+    def parse(text: str):
+        if "=" not in text:
+            return kind(text)
+        values = {}
+        for part in text.split(","):
+            stage, _, value = part.partition("=")
+            if stage.strip() not in STAGE_NAMES:
+                raise argparse.ArgumentTypeError(f"unknown stage {stage.strip()!r}; expected {STAGE_NAMES}")
+            values[stage.strip()] = kind(value)
+        return values
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from error
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    tune = subparsers.add_parser(
+        "tune", formatter_class=HelpFormatter,
+        help="prepare a model and run Neuro-RIT's two training stages",
+        description="fastrit.prepare (deactivate the irrelevant-exclusive neurons, freeze the rest in NF4, make the "
+                    "target layers trainable), then stage 1 'denoise' (answers on noisy-context prompts) and stage 2 "
+                    "'distill' (evidence sentence, then answer) with a transformers Trainer. Resumable: run the same "
+                    "command again after an interruption. Per-stage values: VALUE or denoise=VALUE,distill=VALUE.",
+    )
+    tune.add_argument("--out", metavar="DIR", default="tune-output",
+                      help="folder for the stages' checkpoints, their deltas and eval_loss.json")
+    tune.add_argument("--neuron-sets", metavar="DIR", default=None,
+                      help="a folder written by `fastrit mine` (deactivated neurons, target layers, trainable "
+                           "neurons); without it give --train-layers, and nothing is deactivated")
+    add_model_arguments(tune)
+    add_data_arguments(tune, default_split="train")
+    tune.add_argument("--eval-data", metavar="FILE", default=None,
+                      help="held-out records whose noisy-context answer loss is measured before and after each "
+                           "stage (default: the embedded dev split when --data is not given, else none)")
+    group = tune.add_argument_group("what trains")
+    group.add_argument("--train", choices=("mlp", "neurons", "lora"), default="mlp",
+                       help="the target layers' MLPs, only their chosen neurons, or LoRA adapters on them")
+    group.add_argument("--train-layers", type=_layers, default=None, metavar="L,L,...",
+                       help="the target layers (default: the neuron sets' target layers)")
+    group.add_argument("--no-quantize", action="store_true", help="keep the frozen layers in their dtype, not NF4")
+    group.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
+    group = tune.add_argument_group("training (per stage)")
+    group.add_argument("--stages", default="denoise,distill", help="the stages to run, in order")
+    group.add_argument("--epochs", type=per_stage(float), default=1.0, help="epochs over the stage's examples")
+    group.add_argument("--max-steps", type=per_stage(int), default=-1,
+                       help="optimizer steps per stage; > 0 overrides --epochs")
+    group.add_argument("--lr", type=per_stage(float), default=1e-4, help="peak learning rate")
+    group.add_argument("--batch-size", type=per_stage(int), default=8, help="examples per device and step")
+    group.add_argument("--grad-accum", type=per_stage(int), default=1, help="gradient accumulation steps")
+    group.add_argument("--warmup", type=per_stage(float), default=0.05,
+                       help="linear warmup: a fraction of the steps (< 1) or a step count")
+    group.add_argument("--optimizer", choices=("adamw8bit", "adamw"), default="adamw8bit",
+                       help="bitsandbytes 8-bit AdamW (paged on CUDA) or torch AdamW")
+    group.add_argument("--save-steps", type=int, default=100, help="checkpoint interval, in optimizer steps")
+    group.add_argument("--logging-steps", type=int, default=10, help="logging interval, in optimizer steps")
+    tune.add_argument("--export", metavar="DIR", default=None,
+                      help="also write the tuned model as a plain transformers checkpoint (fastrit.export)")
+    tune.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tune.set_defaults(run=run_tune)
+
+    plan = subparsers.add_parser(
+        "plan", formatter_class=HelpFormatter,
+        help="predict the memory of a training run, before loading anything",
+        description="fastrit.plan_memory for a built-in model (llama-3-8b, mistral-7b, qwen2-7b, gemma-2-9b) or a "
+                    "config.json / model folder, beside the plain way (dense weights, the same parameters "
+                    "trainable, torch AdamW, no checkpointing, the model's own loss).",
+    )
+    plan.add_argument("config", metavar="CONFIG", help="a built-in name, a config.json, or a model folder")
+    plan.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    plan.add_argument("--batch-size", type=int, default=1, help="sequences per step")
+    plan.add_argument("--train", choices=("mlp", "neurons", "lora"), default="mlp", help="what trains")
+    plan.add_argument("--train-layers", type=int, default=3, help="how many target layers")
+    plan.add_argument("--neurons", type=int, default=None, help="--train neurons: trainable neurons per layer")
+    plan.add_argument("--quantize-frozen", choices=("nf4", "none"), default="nf4", help="frozen weights' storage")
+    plan.add_argument("--optimizer", choices=("adamw8bit", "adamw"), default="adamw8bit", help="optimizer")
+    plan.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
+    plan.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                      help="dtype of the weights that are not NF4")
+    plan.set_defaults(run=run_plan)
+
+
+def run_tune(args: argparse.Namespace) -> None:
+    import fastrit
+    from fastrit import demo
+
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    if not stages or any(s not in STAGE_NAMES for s in stages) or len(set(stages)) != len(stages):
+        raise ValueError(f"--stages: expected distinct names among {STAGE_NAMES}, got {args.stages!r}")
+    sets = None
+    if args.neuron_sets is not None:
+        if not Path(args.neuron_sets).is_dir():
+            raise FileNotFoundError(f"--neuron-sets: no such folder: {args.neuron_sets!r}")
+        sets = fastrit.NeuronSets.load(args.neuron_sets)
+    elif args.train_layers is None:
+        raise ValueError("--train-layers: give the layers to train, or --neuron-sets to take its target layers")
+    data = load_data(args)
+    eval_data = None
+    if args.eval_data is not None:
+        eval_data = fastrit.data.load(args.eval_data)
+    elif args.data is None:
+        eval_data = demo.load_data("dev")
+    model, tokenizer = load_model(args)
+    prepare_kwargs = dict(train=args.train, quantize_frozen=None if args.no_quantize else "nf4",
+                          gradient_checkpointing=not args.no_checkpointing)
+    if args.train_layers is not None:
+        prepare_kwargs["train_layers"] = args.train_layers
+    if sets is None:
+        prepare_kwargs["deactivate"] = None
+    fastrit.tune(model, tokenizer, data, sets, output_dir=args.out, stages=stages, epochs=args.epochs,
+                 learning_rate=args.lr, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
+                 warmup=args.warmup, max_steps=args.max_steps, optimizer=args.optimizer, save_steps=args.save_steps,
+                 logging_steps=args.logging_steps, seed=args.seed, k=args.k, template=args.template,
+                 max_length=args.max_length, progress=not args.no_progress, eval_data=eval_data, **prepare_kwargs)
+    fastrit.trainable_summary(model)
+    losses = Path(args.out) / "eval_loss.json"
+    if losses.is_file():
+        print(f"noisy-context answer loss: {losses.read_text().strip()}")
+    if args.export is not None:
+        fastrit.export(model, args.export, tokenizer=tokenizer)
+        print(f"exported to {args.export}")
+
+
+def _config(text: str):
+    import transformers
+
+    from ..tuning.plan import BUILT_IN_CONFIGS
+
+    if text in BUILT_IN_CONFIGS:
+        return text
+    path = Path(text)
+    if not path.exists():
+        raise FileNotFoundError(f"CONFIG: not a built-in name ({', '.join(sorted(BUILT_IN_CONFIGS))}) and no such "
+                                f"file or folder: {text!r}")
+    return transformers.AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from ..tuning.plan import plan_memory
+
+    config = _config(args.config)
+    common = dict(seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
+                  train_layers=args.train_layers, neurons=args.neurons, dtype=args.dtype)
+    ours = plan_memory(config, quantize_frozen=None if args.quantize_frozen == "none" else "nf4",
+                       optimizer=args.optimizer, gradient_checkpointing=not args.no_checkpointing, **common)
+    plain = plan_memory(config, quantize_frozen=None, optimizer="adamw", gradient_checkpointing=False, loss="model",
+                        **common)
+    width = max(len(k) for k in ours.breakdown)
+    print(f"{args.config}: seq {args.seq_len} x batch {args.batch_size}, train={args.train}, "
+          f"{args.train_layers} target layers, {ours.trainable_params:,} trainable parameters")
+    print(f"{'':<{width}}  {'fastrit':>11}  {'plain way':>11}")
+    for name in ours.breakdown:
+        print(f"{name:<{width}}  {ours.breakdown[name] / 2**30:7.3f} GiB  {plain.breakdown[name] / 2**30:7.3f} GiB")
+    print(f"{'peak':<{width}}  {ours.peak_gib:7.3f} GiB  {plain.peak_gib:7.3f} GiB")
