@@ -9,17 +9,7 @@ from .attribution import METHODS, NeuronAttribution, attribute, attribute_refere
 from .evaluate import evaluate
 from .mining import NeuronSets, mine
 from .ops import backends
-from .tuning import (
-    MemoryPlan,
-    NeuroRITTrainer,
-    export,
-    load_delta,
-    plan_memory,
-    prepare,
-    save_delta,
-    trainable_summary,
-    tune,
-)
+from .tuning import MemoryPlan, export, load_delta, plan_memory, prepare, save_delta, trainable_summary
 
 __version__ = "0.1.0"
 
@@ -47,3 +37,12 @@ __all__ = [
     "tune",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # NeuroRITTrainer and tune import transformers' Trainer: loaded on first use (see fastrit.tuning)
+    if name in ("NeuroRITTrainer", "tune"):
+        from . import tuning
+
+        return getattr(tuning, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["ArchSpec", "ModelArch", "FAMILIES", "decoder_layers", "resolve_arch", "linear_weight", "max_positions"]
+__all__ = [
+    "ArchSpec", "ModelArch", "FAMILIES", "decoder_layers", "is_bnb_4bit", "is_conv1d", "resolve_arch", "linear_weight",
+    "max_positions",
+]
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ def _check_differentiable(model: nn.Module) -> None:
     repacks the weight on the first no-grad forward in eval mode and never differentiates it again.
     """
     for name, module in model.named_modules():
-        if not _is_bnb_4bit(module) or module.weight.device.type != "cpu":
+        if not is_bnb_4bit(module) or module.weight.device.type != "cpu":
             continue
         packed = getattr(module.weight.quant_state, "packing_format_for_cpu", False)
         if packed or getattr(module, "support_avx512bf16_for_cpu", False):
@@ -208,8 +211,8 @@ def _check_differentiable(model: nn.Module) -> None:
             )
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 Conv1D stores its weight as [in_features, out_features].
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' Conv1D (GPT-2), which stores its weight ``[in_features, out_features]``."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
@@ -218,7 +221,8 @@ def _is_nf4_linear(module: nn.Module) -> bool:
     return type(module).__name__ == "NF4Linear" and callable(getattr(module, "dequantize", None))
 
 
-def _is_bnb_4bit(module: nn.Module) -> bool:
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a quantized bitsandbytes 4-bit linear layer (Linear4bit and its NF4/FP4 subclasses)."""
     return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(
         getattr(module, "weight", None), "quant_state"
     )
@@ -226,7 +230,7 @@ def _is_bnb_4bit(module: nn.Module) -> bool:
 
 def linear_in_features(module: nn.Module) -> int | None:
     """Input width (number of neurons) of a linear output projection, or None if not linear."""
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return int(module.weight.shape[0])
     in_features = getattr(module, "in_features", None)
     if isinstance(in_features, int) and (hasattr(module, "weight") or _is_nf4_linear(module)):
@@ -241,14 +245,14 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
     dequantized.
     The module itself is not changed.
     """
-    if _is_bnb_4bit(module):
+    if is_bnb_4bit(module):
         import bitsandbytes.functional as bnbf
 
         weight = module.weight
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
     if _is_nf4_linear(module):
         return module.dequantize().float()
-    if _is_conv1d(module):
+    if is_conv1d(module):
         return module.weight.detach().t().float()
     if isinstance(module, nn.Linear):
         return module.weight.detach().float()

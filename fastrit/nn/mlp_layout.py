@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..arch import is_bnb_4bit, is_conv1d
+
 __all__ = ["MLP_LAYOUTS", "MLPLayout", "MLPWeights", "dense_weight", "is_bnb_4bit", "is_conv1d", "mlp_layout"]
 
 
@@ -65,18 +67,6 @@ def mlp_layout(model: nn.Module) -> MLPLayout:
         raise ValueError(f"model: fastrit cannot prepare the MLPs of a {model_type!r} model; "
                          f"supported: {', '.join(sorted(MLP_LAYOUTS))}")
     return MLP_LAYOUTS[model_type]
-
-
-def is_bnb_4bit(module: nn.Module) -> bool:
-    """Whether ``module`` is a quantized bitsandbytes 4-bit linear layer (Linear4bit and its NF4/FP4 subclasses)."""
-    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(
-        getattr(module, "weight", None), "quant_state"
-    )
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """Whether ``module`` is transformers' Conv1D (GPT-2), which stores its weight ``[in, out]``."""
-    return type(module).__name__ == "Conv1D"
 
 
 def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,9 +8,18 @@ from .plan import MemoryPlan, plan_memory
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, Preparation, prepare
 from .stages import STAGES, stage_data
 from .summary import trainable_summary
-from .trainer import NeuroRITTrainer, tune
 
 __all__ = [
     "QUANTIZE_MODES", "STAGES", "TRAIN_MODES", "MemoryPlan", "NeuroRITTrainer", "Preparation", "causal_lm_loss",
     "export", "load_delta", "plan_memory", "prepare", "save_delta", "stage_data", "trainable_summary", "tune",
 ]
+
+
+def __getattr__(name: str):
+    # the Trainer pulls in transformers.trainer (accelerate, and through it triton): only when asked for,
+    # so that `import fastrit` stays lean
+    if name in ("NeuroRITTrainer", "tune"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

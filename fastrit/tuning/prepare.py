@@ -31,7 +31,7 @@ from torch import nn
 from ..arch import decoder_layers, linear_in_features
 from ..mining import SET_NAMES, NeuronSets
 from ..nn import NeuronMLP, NF4Linear
-from ..nn.mlp_layout import MLPLayout, is_bnb_4bit, mlp_layout
+from ..nn.mlp_layout import MLPLayout, is_bnb_4bit, is_conv1d, mlp_layout
 
 __all__ = ["TRAIN_MODES", "QUANTIZE_MODES", "Preparation", "prepare"]
 
@@ -112,7 +112,7 @@ def _frozen_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]
         if isinstance(parent, NeuronMLP | NF4Linear):
             continue
         for name, child in parent.named_children():
-            dense = type(child) is nn.Linear or type(child).__name__ == "Conv1D"
+            dense = type(child) is nn.Linear or is_conv1d(child)
             if (dense or is_bnb_4bit(child)) and not any(p.requires_grad for p in child.parameters()):
                 found.append((parent, name, child))
     return found
@@ -121,7 +121,7 @@ def _frozen_linears(module: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]
 def _to_nf4(child: nn.Module) -> NF4Linear:
     if is_bnb_4bit(child):  # adopted as it is, never re-quantized
         return NF4Linear.from_bnb(child)
-    if type(child).__name__ == "Conv1D":  # GPT-2 keeps [in, out]
+    if is_conv1d(child):  # GPT-2 keeps [in, out]
         return NF4Linear.from_weight(child.weight.detach().t(), child.bias)
     return NF4Linear.from_linear(child)
 

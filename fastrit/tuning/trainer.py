@@ -187,7 +187,7 @@ def tune(
     settings = {"stages": stages, "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size,
                 "gradient_accumulation_steps": gradient_accumulation_steps, "warmup": warmup,
                 "max_steps": max_steps, "optimizer": optimizer, "seed": seed, "k": k, "template": template,
-                "max_length": max_length, "records": len(data), "data": data.records._fingerprint,
+                "max_length": max_length, "records": len(data), "data": getattr(data.records, "_fingerprint", None),
                 "prepare": {key: value if isinstance(value, str | int | float | bool | None) else repr(value)
                             for key, value in prepare_kwargs.items()}}
     for stage in stages:
