@@ -63,6 +63,12 @@ of the last step shows that training runs (same batch every step, so it goes dow
 three full weights of each target layer, while only ``changing_params`` of them can change. For fastrit rows it
 is ``fastrit.trainable_summary(model)["total"]["trainable"]``.
 
+``plan`` in the table: ``fastrit.plan_memory``'s prediction for the row's settings over its measured peak over
+the import baseline (``plan_mib``, ``plan_vs_measured``). The planner counts live tensors; glibc's malloc keeps
+freed blocks under its (dynamic, up to 32 MiB) mmap threshold for reuse, so with its defaults the RSS peak is
+higher than the live tensors ever were. ``--malloc-mmap-threshold 65536`` runs the workers with freed blocks
+returned to the system (results: ``bench_prepare_mmap.*``), where the RSS follows the live tensors.
+
 Results: ``benchmarks/results/bench_prepare.{json,csv,png}`` (``_quick`` with ``--quick``). Run:
 ``python -m benchmarks.bench_prepare`` (``--providers "plain neurons,fastrit neurons"`` for a subset).
 """
@@ -335,16 +341,50 @@ def worker(provider: str, settings: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- in the parent
 
-def run_provider(provider: str, settings: dict) -> dict:
-    """Run ``provider`` in a fresh subprocess; its row."""
+def run_provider(provider: str, settings: dict, mmap_threshold: int | None = None) -> dict:
+    """Run ``provider`` in a fresh subprocess (glibc's ``MALLOC_MMAP_THRESHOLD_`` set when given); its row."""
     command = [sys.executable, "-m", "benchmarks.bench_prepare", "--worker", provider,
                "--worker-settings", json.dumps(settings)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
     if done.returncode or not lines:
         raise RuntimeError(f"{provider}: worker failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
                            f"{done.stderr[-6000:]}")
     return json.loads(lines[-1][len(RESULT_MARK):])
+
+
+def add_plans(rows: list[dict], settings: dict) -> None:
+    """``plan_mib``: fastrit.plan_memory's prediction for each row's settings (float32, torch AdamW, the row's
+    loss, quantization and checkpointing; the plain rows' trainable tensors are the target layers' full MLP
+    weights, which is train="mlp" with nothing deactivated), and ``plan_vs_measured`` against the peak over the
+    import baseline."""
+    import transformers
+
+    from fastrit.tuning.plan import plan_memory
+
+    config = transformers.LlamaConfig(
+        hidden_size=settings["hidden"], intermediate_size=settings["intermediate"],
+        num_hidden_layers=settings["layers"], num_attention_heads=settings["heads"],
+        num_key_value_heads=settings["heads"], vocab_size=settings["vocab"], max_position_embeddings=1024)
+    _, chosen = neuron_choice(settings)
+    for row in rows:
+        row["plan_mib"] = row["plan_vs_measured"] = None
+        if row["kind"] == "floor":
+            continue
+        options = PROVIDERS[row["provider"]][2]
+        fastrit_way = row["kind"] == "fastrit"
+        train = row["train"] if fastrit_way or row["train"] == "lora" else "mlp"
+        plan = plan_memory(
+            config, seq_len=settings["seq"], batch_size=settings["batch"], train=train,
+            train_layers=list(settings["targets"]), neurons=len(chosen[settings["targets"][0]]),
+            quantize_frozen=options.get("quantize_frozen", "nf4") if fastrit_way else None, optimizer="adamw",
+            gradient_checkpointing=options.get("gradient_checkpointing", True) if fastrit_way else False,
+            dtype="float32", loss="chunked" if options.get("loss") == "chunked" else "model")
+        row["plan_mib"] = plan.peak_bytes / 2**20
+        row["plan_vs_measured"] = row["plan_mib"] / row["peak_over_start_mib"]
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -368,7 +408,7 @@ def _ratio_text(value: float | None) -> str:
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'provider':36s} {'trainable':>11s} {'peak RSS MiB':>12s} {'x plain':>7s} {'over start':>10s} "
-              f"{'x plain':>7s} {'excl. head':>10s} {'step s':>8s} {'x plain':>7s} {'cpu s':>7s} "
+              f"{'x plain':>7s} {'excl. head':>10s} {'plan':>7s} {'step s':>8s} {'x plain':>7s} {'cpu s':>7s} "
               f"{'loss first -> last':>20s}")
     print(header)
     print("-" * len(header))
@@ -376,7 +416,8 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['provider']:36s} {r['trainable_params']:11,d} {r['peak_rss_mib']:12.1f} "
               f"{_ratio_text(r['peak_vs_plain'])} {r['peak_over_start_mib']:10.1f} "
               f"{_ratio_text(r['peak_over_start_vs_plain'])} {_ratio_text(r['excl_head_vs_plain']):>10s} "
-              f"{r['step_s']:8.3f} {_ratio_text(r['step_vs_plain'])} {r['step_cpu_s']:7.2f} "
+              f"{_ratio_text(r.get('plan_vs_measured'))} {r['step_s']:8.3f} {_ratio_text(r['step_vs_plain'])} "
+              f"{r['step_cpu_s']:7.2f} "
               f"{r['first_loss']:9.4f} -> {r['last_loss']:7.4f}", flush=True)
 
 
@@ -426,6 +467,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jobs", type=int, default=None,
                         help="workers at a time (default 1; 2 with --quick: peaks stay per process, times are "
                              "then contended)")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (e.g. 65536), so that freed "
+                             "blocks go back to the system and the RSS follows the live tensors; results then go to "
+                             "bench_prepare_mmap.* (default: glibc's own behaviour)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-settings", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -454,25 +499,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.perf_counter()
 
     def run(provider: str) -> dict:
-        row = run_provider(provider, settings)
+        row = run_provider(provider, settings, args.malloc_mmap_threshold)
         print(f"  {provider}: done ({time.perf_counter() - start:.0f} s)", flush=True)
         return row
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         rows = list(pool.map(run, providers))
     add_ratios(rows)
+    add_plans(rows, settings)
     bad = [r["provider"] for r in rows if not (math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"]))]
     if bad:
         print(f"WARNING: non-finite loss for {bad}", flush=True)
     print_table(rows)
 
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + ("_mmap" if args.malloc_mmap_threshold is not None else "")
     args.out.mkdir(parents=True, exist_ok=True)
     env = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
            "cpu_count": os.cpu_count(), "threads": THREADS, "python": platform.python_version(),
            **{name: metadata.version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "fastrit")},
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "jobs": jobs, "wall_s": time.perf_counter() - start}
+           "jobs": jobs, "malloc_mmap_threshold": args.malloc_mmap_threshold, "wall_s": time.perf_counter() - start}
     run_settings = {**settings, "lr": LR, "weight_decay": 0.0, "attn_implementation": "sdpa", "dtype": "float32",
                     "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}, "deactivate_seed": 1,
                     "neuron_seed": 2, "model_seed": 0, "input_seed": 0}

@@ -24,6 +24,8 @@ def test_quick_benchmark_writes_results(tmp_path):
             assert r["excl_head_vs_plain"] is None, r["provider"]
         else:
             assert r["excl_head_vs_plain"] is None or math.isfinite(r["excl_head_vs_plain"]), r["provider"]
+        # the planner's prediction for the row's settings, beside the measurement
+        assert (r["plan_mib"] > 0 and math.isfinite(r["plan_vs_measured"])) if trains else r["plan_mib"] is None
     by_name = {r["provider"]: r for r in rows}
     for train in ("mlp", "neurons", "lora"):
         assert by_name[f"plain {train}"]["peak_vs_plain"] == by_name[f"plain {train}"]["step_vs_plain"] == 1.0
