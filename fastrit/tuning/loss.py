@@ -29,6 +29,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, softcap, chunk_size):
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        needs_grad = needs_hidden or needs_weight or needs_bias
         grad_hidden = torch.empty_like(hidden) if needs_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_weight else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if needs_bias else None
@@ -37,15 +38,23 @@ class _HeadCrossEntropy(torch.autograd.Function):
             part = slice(start, start + chunk_size)
             h, t = hidden[part], targets[part]
             logits = F.linear(h, weight, bias).float()  # as transformers: the head in the model's dtype, then fp32
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            log_z = torch.logsumexp(logits, dim=-1)
-            total += (log_z - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if not (needs_hidden or needs_weight or needs_bias):
+            through_cap = None
+            if softcap:  # tanh(x / c) * c, in place; its derivative 1 - tanh^2 is kept for the gradient
+                logits.div_(softcap).tanh_()
+                if needs_grad:
+                    through_cap = 1 - logits.square()
+                logits.mul_(softcap)
+            # In place from here on: one chunk of logits is the only [chunk, V] buffer (no temporary as large),
+            # and exp is taken once. Shifted by the row maximum: exp never overflows.
+            logits.sub_(logits.amax(dim=1, keepdim=True))
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            if not needs_grad:
+                total += (torch.logsumexp(logits, dim=1) - picked).sum()
                 continue
-            # through tanh(x / c) * c: 1 - tanh^2 = 1 - (capped / c)^2
-            through_cap = 1 - (logits / softcap) ** 2 if softcap else None
-            grad = logits.sub_(log_z[:, None]).exp_()  # in place: d(sum of losses)/d logits = softmax - one_hot
+            grad = logits.exp_()
+            sums = grad.sum(dim=1)
+            total += (sums.log() - picked).sum()
+            grad.div_(sums[:, None])  # d(sum of losses)/d logits = softmax - one_hot
             grad[torch.arange(t.numel(), device=t.device), t] -= 1
             if through_cap is not None:
                 grad *= through_cap
@@ -99,7 +108,9 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    # use_cache=False: a training forward has no use for a key/value cache (it would hold every layer's keys and
+    # values for the whole step)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     picked = targets != IGNORE_INDEX
     hidden = hidden[:, :-1][picked]  # [N, D]: only the positions that predict a label

@@ -37,6 +37,16 @@ def test_loss_and_gradients_equal_transformers(family, chunk_size):
         torch.testing.assert_close(param.grad, grads[name], rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_loss_without_gradients_equals_transformers(family):
+    model = build_tiny_model(family).float()
+    ids, labels, mask = _batch(1)
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = causal_lm_loss(model, ids, labels, mask, chunk_size=4)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_no_label_gives_zero_and_bad_input_is_refused():
     model = build_tiny_model("llama")
     ids, labels, _ = _batch()
