@@ -52,6 +52,10 @@ fastrit) and the same for every provider, so the absolute peak ratio cannot go f
 training takes: ``peak_over_start_mib`` is the memory of the training itself. Ratios are against the ``plain`` row
 of the same train mode (``fastrit neurons (...)`` against ``plain neurons``).
 
+``--rounds N`` runs every provider N times, round by round (all providers once, then again), and reports the
+medians: of each measurement, and of each round's ratio against its plain row, with the range of the per-round
+step ratios (``step_vs_plain_rounds``); one run on a shared machine is too noisy (+-15 %) to call a 10 % difference.
+
 Time: one warm-up step, then ``--steps`` timed steps (zero_grad / forward / backward / optimizer step,
 ``time.perf_counter``); the median seconds per step, with min and max, and the median CPU seconds of the process
 per step (``time.process_time``; up to 2x the wall time on 2 threads); the 1-minute load average at the worker's
@@ -402,14 +406,49 @@ def add_ratios(rows: list[dict]) -> None:
             row["excl_head_vs_plain"] = (row["peak_over_start_mib"] - floor) / (base["peak_over_start_mib"] - floor)
 
 
+MEDIAN_KEYS = ("peak_rss_mib", "peak_over_start_mib", "peak_over_prepared_mib", "rss_after_imports_mib",
+               "rss_prepared_mib", "step_s", "step_cpu_s")
+RATIO_KEYS = ("peak_vs_plain", "peak_over_start_vs_plain", "step_vs_plain", "excl_head_vs_plain")
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per provider from several rounds (each round ran every provider once, in order, so that a ratio
+    compares runs close in time): medians of the measurements and of each round's ratios, every round's step time
+    and step ratio kept (``*_rounds``), min/max step over all rounds. Each round gets its ratios first."""
+    for rows in rounds:
+        add_ratios(rows)
+    merged = []
+    for index, row in enumerate(rounds[0]):
+        same = [rows[index] for rows in rounds]
+        out = dict(row)
+        for key in MEDIAN_KEYS:
+            out[key] = statistics.median(r[key] for r in same)
+        for key in RATIO_KEYS:
+            values = [r[key] for r in same if r[key] is not None]
+            out[key] = statistics.median(values) if values else None
+        out["step_min_s"] = min(r["step_min_s"] for r in same)
+        out["step_max_s"] = max(r["step_max_s"] for r in same)
+        out["step_s_rounds"] = [r["step_s"] for r in same]
+        out["step_vs_plain_rounds"] = [r["step_vs_plain"] for r in same]
+        out["peak_over_start_vs_plain_rounds"] = [r["peak_over_start_vs_plain"] for r in same]
+        out["rounds"] = len(same)
+        merged.append(out)
+    return merged
+
+
 def _ratio_text(value: float | None) -> str:
     return f"{value:6.2f}x" if value is not None else "      -"
 
 
+def _range_text(values: list | None) -> str:
+    values = [v for v in values or [] if v is not None]
+    return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else "-"
+
+
 def print_table(rows: list[dict]) -> None:
     header = (f"{'provider':36s} {'trainable':>11s} {'peak RSS MiB':>12s} {'x plain':>7s} {'over start':>10s} "
-              f"{'x plain':>7s} {'excl. head':>10s} {'plan':>7s} {'step s':>8s} {'x plain':>7s} {'cpu s':>7s} "
-              f"{'loss first -> last':>20s}")
+              f"{'x plain':>7s} {'excl. head':>10s} {'plan':>7s} {'step s':>8s} {'x plain':>7s} {'rounds':>11s} "
+              f"{'cpu s':>7s} {'loss first -> last':>20s}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -417,7 +456,7 @@ def print_table(rows: list[dict]) -> None:
               f"{_ratio_text(r['peak_vs_plain'])} {r['peak_over_start_mib']:10.1f} "
               f"{_ratio_text(r['peak_over_start_vs_plain'])} {_ratio_text(r['excl_head_vs_plain']):>10s} "
               f"{_ratio_text(r.get('plan_vs_measured'))} {r['step_s']:8.3f} {_ratio_text(r['step_vs_plain'])} "
-              f"{r['step_cpu_s']:7.2f} "
+              f"{_range_text(r.get('step_vs_plain_rounds')):>11s} {r['step_cpu_s']:7.2f} "
               f"{r['first_loss']:9.4f} -> {r['last_loss']:7.4f}", flush=True)
 
 
@@ -471,6 +510,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (e.g. 65536), so that freed "
                              "blocks go back to the system and the RSS follows the live tensors; results then go to "
                              "bench_prepare_mmap.* (default: glibc's own behaviour)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every provider this many times, round by round (default 1); the table gives the "
+                             "medians, and the range of the per-round step ratios against plain")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-settings", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -496,16 +538,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     jobs = args.jobs or (2 if args.quick else 1)
     if jobs < 1:
         parser.error("--jobs: expected a positive number")
+    if args.rounds < 1:
+        parser.error("--rounds: expected a positive number")
     start = time.perf_counter()
 
-    def run(provider: str) -> dict:
+    def run(provider: str, round_: int) -> dict:
         row = run_provider(provider, settings, args.malloc_mmap_threshold)
-        print(f"  {provider}: done ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"  {provider}: done, round {round_ + 1} of {args.rounds} ({time.perf_counter() - start:.0f} s)",
+              flush=True)
         return row
 
+    rounds = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        rows = list(pool.map(run, providers))
-    add_ratios(rows)
+        for round_ in range(args.rounds):
+            rounds.append(list(pool.map(run, providers, [round_] * len(providers))))
+    rows = merge_rounds(rounds)
     add_plans(rows, settings)
     bad = [r["provider"] for r in rows if not (math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"]))]
     if bad:
@@ -518,7 +565,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
            "cpu_count": os.cpu_count(), "threads": THREADS, "python": platform.python_version(),
            **{name: metadata.version(name) for name in ("torch", "transformers", "peft", "bitsandbytes", "fastrit")},
            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "jobs": jobs, "malloc_mmap_threshold": args.malloc_mmap_threshold, "wall_s": time.perf_counter() - start}
+           "jobs": jobs, "rounds": args.rounds, "malloc_mmap_threshold": args.malloc_mmap_threshold,
+           "wall_s": time.perf_counter() - start}
     run_settings = {**settings, "lr": LR, "weight_decay": 0.0, "attn_implementation": "sdpa", "dtype": "float32",
                     "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}, "deactivate_seed": 1,
                     "neuron_seed": 2, "model_seed": 0, "input_seed": 0}

@@ -4,7 +4,9 @@ prompts before tuning, after stage 1 (denoise) and after stage 2 (distill), and 
 Pipeline: ``fastrit.mine`` on ``--mine-records`` train records (IG, ``--mine-steps`` steps) -> ``fastrit.tune``
 with prepare's defaults (deactivate the irrelevant-exclusive neurons, train the target layers' MLPs, frozen
 layers in NF4) on ``--train-records`` train records, ``--steps`` optimizer steps per stage (batch 16, lr 1e-3,
-8-bit AdamW), the loss measured on the noisy-context prompts of ``--dev-records`` dev records.
+8-bit AdamW), the loss measured on the noisy-context prompts of ``--dev-records`` dev records: the answer right
+after the prompt at every point (before, after denoise, after distill), and after distill also the answer after the
+model's own evidence (it was trained to write ``Evidence: ... Answer: ...``; fastrit.tuning.answer_loss_after_evidence).
 Results: ``benchmarks/results/bench_tune.json``. Run: ``python -m benchmarks.bench_tune``.
 """
 
@@ -66,8 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
         "env": {"platform": platform.platform(), "torch": metadata.version("torch"),
                 "transformers": metadata.version("transformers"), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
     }
-    print(f"noisy-context answer loss on {args.dev_records} dev records: before {losses['before']:.4f}, "
-          f"after denoise {losses['denoise']:.4f}, after distill {losses['distill']:.4f}")
+    after = {point: losses[point]["answer_after_prompt"] for point in ("before", "denoise", "distill")}
+    print(f"noisy-context answer loss on {args.dev_records} dev records, the answer right after the prompt: "
+          f"before {after['before']:.4f}, after denoise {after['denoise']:.4f}, after distill {after['distill']:.4f}")
+    print(f"after distill, the answer after the model's own evidence: "
+          f"{losses['distill']['answer_after_own_evidence']:.4f} (it wrote the answer marker itself in "
+          f"{losses['distill']['marker_written']:.0%} of the prompts)")
     print(f"target layers {sets.target_layers}, {result['deactivated']} neurons deactivated, "
           f"{result['trainable_params']:,} trainable; mine {seconds['mine']:.0f} s, tune {seconds['tune']:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ __all__ = ["evaluate"]
 logger = logging.getLogger("fastrit.evaluate")
 
 
-def _generate(model, batch: dict[str, torch.Tensor], max_new_tokens: int, pad: int, eos: int | None) -> torch.Tensor:
+def greedy_continuations(model, batch: dict[str, torch.Tensor], max_new_tokens: int, pad: int,
+                         eos: int | None) -> torch.Tensor:
     """The new tokens ``[n, <= max_new_tokens]`` of greedy generation from left-padded prompts."""
     input_ids = batch["input_ids"].to(model.device)
     out = model.generate(
@@ -80,7 +81,7 @@ def evaluate(
             for start in tqdm(starts, desc=f"evaluate {condition}", disable=not progress):
                 span = range(start, min(start + batch_size, len(batch_prompts)))
                 with torch.inference_mode():
-                    new = _generate(model, batch_prompts.tensors(span), max_new_tokens,
+                    new = greedy_continuations(model, batch_prompts.tensors(span), max_new_tokens,
                                     batch_prompts.pad_token_id, tokenizer.eos_token_id)
                 for row, tokens in zip(span, new, strict=True):
                     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()

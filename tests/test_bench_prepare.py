@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from benchmarks import bench_prepare
 
 
@@ -40,3 +42,19 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert saved["settings"]["targets"] == bench_prepare.QUICK["targets"]
     assert (tmp_path / "bench_prepare_quick.csv").read_text().startswith("provider,kind,train,")
     assert (tmp_path / "bench_prepare_quick.png").stat().st_size > 0
+
+
+def test_rounds_merge_into_medians_of_measurements_and_of_per_round_ratios():
+    def row(provider, kind, step, peak):
+        return {"provider": provider, "kind": kind, "train": "neurons", "loss": "model", "step_s": step,
+                "step_min_s": step - 0.1, "step_max_s": step + 0.1, "step_cpu_s": 2 * step, "peak_rss_mib": peak + 800,
+                "peak_over_start_mib": peak, "peak_over_prepared_mib": peak - 100, "rss_after_imports_mib": 800,
+                "rss_prepared_mib": 900}
+
+    rounds = [[row("plain neurons", "plain", plain, 1000), row("fastrit neurons", "fastrit", fast, 400)]
+              for plain, fast in ((2.0, 1.8), (3.0, 3.3), (2.5, 2.0))]
+    plain, fast = bench_prepare.merge_rounds(rounds)
+    assert fast["step_s"] == 2.0 and plain["step_s"] == 2.5
+    assert fast["step_vs_plain_rounds"] == pytest.approx([0.9, 1.1, 0.8]) and math.isclose(fast["step_vs_plain"], 0.9)
+    assert fast["peak_over_start_vs_plain"] == 0.4 and fast["rounds"] == 3
+    assert fast["step_min_s"] == 1.7 and fast["step_max_s"] == 3.4

@@ -1,17 +1,19 @@
-"""Tuning: prepare a model (deactivate, freeze, quantize, choose what trains), summarise it, export it as a plain
-transformers checkpoint, and share what changed as a delta."""
+"""Tuning: prepare a model (deactivate, freeze, quantize, choose what trains), train it in two stages, measure its
+answer loss, summarise it, export it as a plain transformers checkpoint, and share what changed as a delta."""
 
 from .delta import load_delta, save_delta
 from .export import export
 from .loss import causal_lm_loss
+from .metrics import EvidenceAnswerLoss, answer_loss, answer_loss_after_evidence
 from .plan import MemoryPlan, plan_memory
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, Preparation, prepare
 from .stages import STAGES, stage_data
 from .summary import trainable_summary
 
 __all__ = [
-    "QUANTIZE_MODES", "STAGES", "TRAIN_MODES", "MemoryPlan", "NeuroRITTrainer", "Preparation", "causal_lm_loss",
-    "export", "load_delta", "plan_memory", "prepare", "save_delta", "stage_data", "trainable_summary", "tune",
+    "QUANTIZE_MODES", "STAGES", "TRAIN_MODES", "EvidenceAnswerLoss", "MemoryPlan", "NeuroRITTrainer", "Preparation",
+    "answer_loss", "answer_loss_after_evidence", "causal_lm_loss", "export", "load_delta", "plan_memory", "prepare",
+    "save_delta", "stage_data", "trainable_summary", "tune",
 ]
 
 

@@ -14,8 +14,9 @@ Breakdown (bytes, at the peak, which is the backward pass of the lowest trainabl
 - ``saved activations``: with gradient checkpointing, each decoder layer from the lowest trainable one up keeps
   its input (``B x T x H``), and one layer at a time is recomputed (its attention and MLP intermediates); without
   it, every such layer keeps its intermediates;
-- ``logits and loss``: fastrit.tuning.causal_lm_loss: one chunk of float32 logits and its softmax, and the
-  hidden-state gradient of the labelled positions (``loss="model"``: the whole logits, as the model's own loss);
+- ``logits and loss``: fastrit.tuning.causal_lm_loss: one chunk of float32 logits (its softmax and gradient are
+  formed in place; in 16-bit dtypes one more chunk in that dtype), and the hidden-state gradient of the labelled
+  positions (``loss="model"``: the whole logits, as the model's own loss);
 - ``workspace``: the largest frozen projection dequantized once (forward and backward dequantize one at a time).
 
 Activations assume every position is labelled and attention that keeps no ``T x T`` matrix (SDPA's flash or
@@ -203,8 +204,9 @@ def plan_memory(
         saved = backward_layers * per_layer
     vocab = config.vocab_size
     chunk = max(1, CHUNK_LOGITS // vocab)
-    if loss == "chunked":
-        logits = 2 * min(chunk, tokens) * vocab * 4 + tokens * hidden * size
+    if loss == "chunked":  # one chunk's float32 logits (softmax and gradient formed in place), in bf16/fp16 also
+        # the head's output before the cast and the gradient cast back for the matmul; the hidden-state gradient
+        logits = min(chunk, tokens) * vocab * (4 + (size if size != 4 else 0)) + tokens * hidden * size
     else:
         logits = 3 * tokens * vocab * 4 + (tokens * vocab * size if size != 4 else 0)
     breakdown = {

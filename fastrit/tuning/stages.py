@@ -19,10 +19,12 @@ import torch
 from .. import data as rag
 from ..data import RagData
 
-__all__ = ["STAGES", "StageData", "collate", "stage_data"]
+__all__ = ["ANSWER_MARKER", "STAGES", "StageData", "collate", "stage_data"]
 
 STAGES = ("denoise", "distill")
 IGNORE_INDEX = -100
+#: what precedes the answer in a distill target (the evidence comes before it)
+ANSWER_MARKER = "Answer:"
 
 
 @dataclass
@@ -43,7 +45,7 @@ def distill_target(record: dict) -> str | None:
     sentence = rag.evidence(record)
     if sentence is None:
         return None
-    return f"Evidence: {sentence} Answer: {record['answers'][0]}"
+    return f"Evidence: {sentence} {ANSWER_MARKER} {record['answers'][0]}"
 
 
 def stage_data(data: RagData, tokenizer, stage: str, *, k: int = 5, template: str | None = None,

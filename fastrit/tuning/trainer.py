@@ -30,10 +30,11 @@ from ..data import RagData
 from ..mining import NeuronSets
 from .delta import save_delta
 from .loss import causal_lm_loss
+from .metrics import answer_loss, answer_loss_after_evidence
 from .prepare import PREPARATION_ATTR, prepare
 from .stages import STAGES, collate, stage_data
 
-__all__ = ["DELTA_NAME", "NeuroRITTrainer", "OPTIMIZERS", "answer_loss", "tune"]
+__all__ = ["DELTA_NAME", "NeuroRITTrainer", "OPTIMIZERS", "tune"]
 
 DELTA_NAME = "fastrit_delta.safetensors"
 #: optimizer name -> transformers TrainingArguments ``optim`` (8-bit AdamW is paged on CUDA)
@@ -160,9 +161,12 @@ def tune(
         k, template, max_length: prompt construction (fastrit.data.prompts).
         loss_chunk_size: positions per pass through the output head (fastrit.tuning.causal_lm_loss).
         callbacks: transformers TrainerCallbacks for every stage's Trainer.
-        eval_data: held-out records: the answer loss on their noisy-context prompts (the denoise examples) is
-            measured before training and after each stage, logged, and written to ``output_dir/eval_loss.json``
-            (``{"before": ..., "<stage>": ...}``, mean per answer token).
+        eval_data: held-out records: the answer loss on their noisy-context prompts, mean per answer token, is
+            measured before training and after each stage, logged, and written to ``output_dir/eval_loss.json`` as
+            ``{"before" | "<stage>": {"answer_after_prompt": ...}}`` (the answer right after the prompt: the denoise
+            examples); once the model has been through the distill stage, which teaches it to write its evidence
+            first, also ``"answer_after_own_evidence"`` and ``"marker_written"``
+            (fastrit.tuning.metrics.answer_loss_after_evidence).
         prepare_kwargs: passed to :func:`fastrit.prepare` (train, train_layers, deactivate, neurons, ...).
 
     Everything is checked before training starts: unknown stage names, data of the wrong type, records without
@@ -216,7 +220,7 @@ def tune(
     eval_file = output_dir / "eval_loss.json"
     losses = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
     if eval_set is not None and "before" not in losses:
-        losses["before"] = answer_loss(model, eval_set, tokenizer)
+        losses["before"] = {"answer_after_prompt": answer_loss(model, eval_set, tokenizer)}
         write_text_atomic(eval_file, json.dumps(losses, indent=1))
     for number, stage in enumerate(stages, start=1):
         stage_dir = output_dir / f"{number}-{stage}"
@@ -242,27 +246,10 @@ def tune(
         trainer.train(resume_from_checkpoint=last)
         save_delta(model, done)
         if eval_set is not None:
-            losses[stage] = answer_loss(model, eval_set, tokenizer)
+            losses[stage] = {"answer_after_prompt": answer_loss(model, eval_set, tokenizer)}
+            if "distill" in stages[:number]:
+                after = answer_loss_after_evidence(model, tokenizer, eval_data, k=k, template=template, seed=seed)
+                losses[stage].update(answer_after_own_evidence=after.loss, marker_written=after.marker_written)
             write_text_atomic(eval_file, json.dumps(losses, indent=1))
             transformers.logging.get_logger(__name__).warning(f"fastrit.tune: noisy-context answer loss {losses}")
     return model
-
-
-def answer_loss(model: nn.Module, examples, tokenizer, *, batch_size: int = 32) -> float:
-    """Mean cross-entropy per target token of ``examples`` (a stage dataset: input_ids and labels), no grad."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))], pad)
-                tokens = int((batch["labels"][:, 1:] != -100).sum())
-                loss = causal_lm_loss(model, batch["input_ids"].to(model.device), batch["labels"].to(model.device),
-                                      batch["attention_mask"].to(model.device))
-                total += float(loss) * tokens
-                count += tokens
-    finally:
-        model.train(was_training)
-    return total / max(count, 1)
