@@ -44,7 +44,9 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_kernels
 	$(PY) -m benchmarks.bench_reader
 	$(PY) -m benchmarks.bench_mining
-	$(PY) -m benchmarks.bench_prepare
+	$(PY) -m benchmarks.bench_prepare --rounds 3
+	$(PY) -m benchmarks.bench_tune
+	$(PY) -m benchmarks.bench_8b_cpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastrit kernels benchmarks tests build_cuda.py setup.py

@@ -7,9 +7,12 @@ from .text import contains_answer, evidence_sentence, normalize_answer
 from .world import synthetic
 
 __all__ = [
-    "CONDITIONS", "FEATURES", "SKIP_REASONS", "RagData", "RagPrompts", "contains_answer", "encode_pair", "evidence",
-    "load", "normalize_answer", "prompts", "synthetic",
+    "ANSWER_MARKER", "CONDITIONS", "FEATURES", "SKIP_REASONS", "RagData", "RagPrompts", "contains_answer",
+    "encode_pair", "evidence", "evidence_target", "load", "normalize_answer", "prompts", "synthetic",
 ]
+
+#: what precedes the answer in an evidence-then-answer target (the evidence comes before it)
+ANSWER_MARKER = "Answer:"
 
 
 def evidence(record: dict) -> str | None:
@@ -17,3 +20,12 @@ def evidence(record: dict) -> str | None:
     (normalised match), for the evidence-distillation stage of tuning; None if there is none."""
     texts = [ctx["text"] for ctx in record["ctxs"] if ctx["has_answer"]]
     return evidence_sentence(texts, record["answers"])
+
+
+def evidence_target(record: dict) -> str | None:
+    """``Evidence: <sentence> Answer: <first answer>`` (the target of Neuro-RIT's evidence-distillation stage), or
+    None when ``record`` has no evidence sentence (:func:`evidence`)."""
+    sentence = evidence(record)
+    if sentence is None:
+        return None
+    return f"Evidence: {sentence} {ANSWER_MARKER} {record['answers'][0]}"

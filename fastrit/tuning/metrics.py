@@ -18,10 +18,10 @@ from torch import nn
 
 from .. import data as rag
 from ..arch import max_positions
-from ..data import RagData
+from ..data import ANSWER_MARKER, RagData
 from ..evaluate import greedy_continuations
 from .loss import causal_lm_loss
-from .stages import ANSWER_MARKER, IGNORE_INDEX, collate
+from .stages import IGNORE_INDEX, collate
 
 __all__ = ["EvidenceAnswerLoss", "answer_loss", "answer_loss_after_evidence"]
 

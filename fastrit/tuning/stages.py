@@ -3,9 +3,9 @@
 - ``"denoise"``: a noisy-context prompt (fastrit.data.prompts, condition "noisy": relevant and irrelevant passages
   mixed) followed by the first gold answer and the end token; the loss is on the answer and the end token.
 - ``"distill"``: the same prompt followed by ``Evidence: <the evidence sentence> Answer: <answer>`` and the end
-  token (fastrit.data.evidence: the first sentence of a relevant passage that contains an answer); the loss is on
-  that whole target. Records without evidence are skipped and counted (``"no_evidence"``), as are targets that no
-  longer fit ``max_length`` (``"too_long"``).
+  token (fastrit.data.evidence_target; the evidence is the first sentence of a relevant passage that contains an
+  answer); the loss is on that whole target. Records without evidence are skipped and counted
+  (``"no_evidence"``), as are targets that no longer fit ``max_length`` (``"too_long"``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,10 @@ import torch
 from .. import data as rag
 from ..data import RagData
 
-__all__ = ["ANSWER_MARKER", "STAGES", "StageData", "collate", "stage_data"]
+__all__ = ["STAGES", "StageData", "collate", "stage_data"]
 
 STAGES = ("denoise", "distill")
 IGNORE_INDEX = -100
-#: what precedes the answer in a distill target (the evidence comes before it)
-ANSWER_MARKER = "Answer:"
 
 
 @dataclass
@@ -38,14 +36,6 @@ class StageData:
 
     def __len__(self) -> int:
         return len(self.dataset)
-
-
-def distill_target(record: dict) -> str | None:
-    """``Evidence: <sentence> Answer: <first answer>``, or None when the record has no evidence sentence."""
-    sentence = rag.evidence(record)
-    if sentence is None:
-        return None
-    return f"Evidence: {sentence} {ANSWER_MARKER} {record['answers'][0]}"
 
 
 def stage_data(data: RagData, tokenizer, stage: str, *, k: int = 5, template: str | None = None,
@@ -69,7 +59,7 @@ def stage_data(data: RagData, tokenizer, stage: str, *, k: int = 5, template: st
     for text, prompt, answer, index in zip(built.texts, built.prompt_ids, built.target_ids, built.records,
                                            strict=True):
         if stage == "distill":
-            target_text = distill_target(data.records[index])
+            target_text = rag.evidence_target(data.records[index])
             if target_text is None:
                 skipped["no_evidence"] += 1
                 continue
