@@ -386,7 +386,7 @@ def add_plans(rows: list[dict], settings: dict) -> None:
             train_layers=list(settings["targets"]), neurons=len(chosen[settings["targets"][0]]),
             quantize_frozen=options.get("quantize_frozen", "nf4") if fastrit_way else None, optimizer="adamw",
             gradient_checkpointing=options.get("gradient_checkpointing", True) if fastrit_way else False,
-            dtype="float32", loss="chunked" if options.get("loss") == "chunked" else "model")
+            dtype="float32", loss="chunked" if options.get("loss") == "chunked" else "model", device="cpu")
         row["plan_mib"] = plan.peak_bytes / 2**20
         row["plan_vs_measured"] = row["plan_mib"] / row["peak_over_start_mib"]
 

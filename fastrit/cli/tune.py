@@ -100,6 +100,8 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
     plan.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                       help="dtype of the weights that are not NF4")
+    plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                      help="where the step runs (bitsandbytes' 8-bit AdamW needs a float32 workspace on CPU)")
     plan.set_defaults(run=run_plan)
 
 
@@ -163,7 +165,7 @@ def run_plan(args: argparse.Namespace) -> None:
 
     config = _config(args.config)
     common = dict(seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
-                  train_layers=args.train_layers, neurons=args.neurons, dtype=args.dtype)
+                  train_layers=args.train_layers, neurons=args.neurons, dtype=args.dtype, device=args.device)
     ours = plan_memory(config, quantize_frozen=None if args.quantize_frozen == "none" else "nf4",
                        optimizer=args.optimizer, gradient_checkpointing=not args.no_checkpointing, **common)
     plain = plan_memory(config, quantize_frozen=None, optimizer="adamw", gradient_checkpointing=False, loss="model",

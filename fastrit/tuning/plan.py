@@ -17,7 +17,15 @@ Breakdown (bytes, at the peak, which is the backward pass of the lowest trainabl
 - ``logits and loss``: fastrit.tuning.causal_lm_loss: one chunk of float32 logits (its softmax and gradient are
   formed in place; in 16-bit dtypes one more chunk in that dtype), and the hidden-state gradient of the labelled
   positions (``loss="model"``: the whole logits, as the model's own loss);
-- ``workspace``: the largest frozen projection dequantized once (forward and backward dequantize one at a time).
+- ``workspace``: the largest frozen projection dequantized once (forward and backward dequantize one at a time);
+- ``optimizer workspace``: what the optimizer step allocates while it runs. torch's AdamW (foreach) takes the
+  square root of every second moment at once (the trainable parameters' size again); bitsandbytes' 8-bit AdamW
+  updates in place on CUDA, while its CPU implementation dequantizes one tensor's two states to float32 and forms
+  the update in float32: five float32 copies of the largest trainable tensor (six for 16-bit parameters).
+
+The weights, gradients and optimizer states persist through the step; the activations, logits and workspace exist
+during forward and backward, the optimizer workspace during the optimizer step only. ``peak_bytes`` is the
+persistent part plus the larger of the two.
 
 Activations assume every position is labelled and attention that keeps no ``T x T`` matrix (SDPA's flash or
 memory-efficient kernels); an integer ``train_layers`` places the target layers lowest in the stack (the most
@@ -77,7 +85,8 @@ class MemoryPlan:
     def table(self) -> str:
         width = max(len(k) for k in self.breakdown)
         lines = [f"{name:<{width}}  {value / GIB:8.3f} GiB" for name, value in self.breakdown.items()]
-        lines.append(f"{'peak':<{width}}  {self.peak_gib:8.3f} GiB   ({self.trainable_params:,} trainable)")
+        lines.append(f"{'peak':<{width}}  {self.peak_gib:8.3f} GiB   ({self.trainable_params:,} trainable; weights, "
+                     "gradients and states plus the larger of the step's and the optimizer's transients)")
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -124,6 +133,7 @@ def plan_memory(
     dtype: str = "bfloat16",
     lora_r: int = 8,
     loss: str = "chunked",
+    device: str = "cuda",
 ) -> MemoryPlan:
     """The memory one training step of a prepared model takes (see the module docstring).
 
@@ -134,6 +144,7 @@ def plan_memory(
         lora_r: ``train="lora"``: the adapters' rank.
         loss: "chunked" (fastrit.tuning.causal_lm_loss, what NeuroRITTrainer uses) or "model" (the model's own
             loss: the whole ``[B, T, V]`` float32 logits, their log-softmax and their gradient).
+        device: "cuda" or "cpu": where the step runs (bitsandbytes' 8-bit AdamW needs a float32 workspace on CPU).
     """
     config = _config(config)
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
@@ -149,6 +160,8 @@ def plan_memory(
         raise ValueError(f"loss: expected 'chunked' or 'model', got {loss!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
     layers = config.num_hidden_layers
     if isinstance(train_layers, int) and not isinstance(train_layers, bool):
         if not 1 <= train_layers <= layers:
@@ -217,9 +230,23 @@ def plan_memory(
         "saved activations": saved,
         "logits and loss": logits,
         "workspace": largest_projection * size,
+        "optimizer workspace": _optimizer_workspace(trainable, optimizer, size, device),
     }
+    persistent = sum(breakdown[k] for k in ("frozen weights", "trainable weights", "gradients", "optimizer states"))
+    backward = sum(breakdown[k] for k in ("saved activations", "logits and loss", "workspace"))
     settings = dict(seq_len=seq_len, batch_size=batch_size, train=train, train_layers=train_layers, neurons=neurons,
                     quantize_frozen=quantize_frozen, optimizer=optimizer,
-                    gradient_checkpointing=gradient_checkpointing, dtype=dtype, loss=loss,
+                    gradient_checkpointing=gradient_checkpointing, dtype=dtype, loss=loss, device=device,
                     model_type=config.model_type)
-    return MemoryPlan(sum(breakdown.values()), trainable_params, breakdown, settings)
+    return MemoryPlan(persistent + max(backward, breakdown["optimizer workspace"]), trainable_params, breakdown,
+                      settings)
+
+
+def _optimizer_workspace(trainable: list[nn.Parameter], optimizer: str, dtype_bytes: int, device: str) -> int:
+    """Bytes the optimizer step allocates while it runs (see the module docstring)."""
+    if optimizer == "adamw":
+        return sum(p.numel() for p in trainable) * dtype_bytes
+    if device == "cpu":
+        largest = max((p.numel() for p in trainable if p.numel() >= BNB_MIN_8BIT_SIZE), default=0)
+        return largest * 4 * (5 if dtype_bytes == 4 else 6)
+    return 0

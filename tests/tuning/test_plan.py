@@ -18,7 +18,10 @@ def test_trainable_params_are_those_prepare_creates(family, train):
         kwargs["neurons"] = {1: list(range(5)), 2: list(range(5))}
     model = fastrit.prepare(build_tiny_model(family), **kwargs)
     assert plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert plan.peak_bytes == sum(plan.breakdown.values()) > 0
+    parts = plan.breakdown
+    persistent = parts["frozen weights"] + parts["trainable weights"] + parts["gradients"] + parts["optimizer states"]
+    step = parts["saved activations"] + parts["logits and loss"] + parts["workspace"]
+    assert plan.peak_bytes == persistent + max(step, parts["optimizer workspace"]) > 0
 
 
 def test_llama_3_8b_in_the_papers_setting():
@@ -31,12 +34,24 @@ def test_llama_3_8b_in_the_papers_setting():
     assert "frozen weights" in str(mlp) and "peak" in mlp.table()
 
 
+def test_optimizer_workspace_by_optimizer_and_device():
+    settings = dict(seq_len=256, train="mlp", train_layers=[14, 15, 16], dtype="float32")
+    gpu = plan_memory("llama-3-8b", **settings)
+    cpu = plan_memory("llama-3-8b", device="cpu", **settings)
+    torch_adamw = plan_memory("llama-3-8b", optimizer="adamw", **settings)
+    assert gpu.breakdown["optimizer workspace"] == 0  # bitsandbytes' CUDA kernel updates in place
+    # on CPU: five float32 copies of the largest tensor, the gate and up rows of one layer [2 x 14336, 4096]
+    assert cpu.breakdown["optimizer workspace"] == 5 * 4 * 2 * 14336 * 4096
+    assert torch_adamw.breakdown["optimizer workspace"] == 4 * gpu.trainable_params
+    assert cpu.peak_bytes > gpu.peak_bytes and {**cpu.breakdown, "optimizer workspace": 0} == gpu.breakdown
+
+
 def test_bad_input_names_the_argument():
     for kwargs, argument in [(dict(config="llama-9000"), "config"), (dict(config=3), "config"),
                              (dict(train="all"), "train"), (dict(optimizer="sgd"), "optimizer"),
                              (dict(train="neurons"), "neurons"), (dict(train_layers=99), "train_layers"),
                              (dict(seq_len=0), "seq_len"), (dict(dtype="int8"), "dtype"),
-                             (dict(quantize_frozen="int4"), "quantize_frozen")]:
+                             (dict(quantize_frozen="int4"), "quantize_frozen"), (dict(device="tpu"), "device")]:
         with pytest.raises((ValueError, TypeError), match=f"^{argument}"):
             plan_memory(**{"config": "llama-3-8b", **kwargs})
     assert torch.empty(0).device.type == "cpu"  # nothing was left on the meta device by default
