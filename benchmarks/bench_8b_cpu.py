@@ -44,14 +44,13 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from importlib import metadata
 from pathlib import Path
 
+from benchmarks._process import print_row, release_freed_memory, reset_peak, run_worker, status_mib
+
 RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
 RESULT_MARK = "BENCH_8B_RESULT "
 LR = 1e-4
 THREADS = 2
@@ -154,11 +153,10 @@ def worker(mode: str, settings: dict) -> dict:
     import torch
 
     import fastrit
-    from benchmarks.bench_prepare import _release_freed_memory, _reset_peak, _status_mib
     from fastrit.tuning import causal_lm_loss, plan_memory
 
     torch.set_num_threads(THREADS)
-    rss_imports = _status_mib("VmRSS") / 1024
+    rss_imports = status_mib("VmRSS") / 1024
     seconds = {}
     model, seconds["build"] = build_model(settings)
     start = time.perf_counter()
@@ -181,10 +179,10 @@ def worker(mode: str, settings: dict) -> dict:
         samples[name] = (index, p.detach().view(-1)[index].clone())
     frozen_before = _frozen_checksums(model)
 
-    _release_freed_memory()
-    rss_prepared = _status_mib("VmRSS") / 1024
-    peak_before = _status_mib("VmHWM") / 1024
-    _reset_peak()
+    release_freed_memory()
+    rss_prepared = status_mib("VmRSS") / 1024
+    peak_before = status_mib("VmHWM") / 1024
+    reset_peak()
     start = time.perf_counter()
     loss = causal_lm_loss(model, input_ids, input_ids)
     seconds["forward"] = time.perf_counter() - start
@@ -194,7 +192,7 @@ def worker(mode: str, settings: dict) -> dict:
     start = time.perf_counter()
     optimizer.step()
     seconds["optimizer"] = time.perf_counter() - start
-    peak = _status_mib("VmHWM") / 1024
+    peak = status_mib("VmHWM") / 1024
 
     changed = {name: float((p.detach().view(-1)[index] != old).float().mean())
                for name, p in trainable.items() for index, old in [samples[name]]}
@@ -220,14 +218,7 @@ def worker(mode: str, settings: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- in the parent
 
 def run_mode(mode: str, settings: dict) -> dict:
-    command = [sys.executable, "-m", "benchmarks.bench_8b_cpu", "--worker", mode, "--worker-settings",
-               json.dumps(settings)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{mode}: worker failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
-                           f"{done.stderr[-6000:]}")
-    return json.loads(lines[-1][len(RESULT_MARK):])
+    return run_worker("benchmarks.bench_8b_cpu", mode, settings, RESULT_MARK)
 
 
 def print_table(rows: list[dict]) -> None:
@@ -245,22 +236,33 @@ def print_table(rows: list[dict]) -> None:
               flush=True)
 
 
+PERSISTENT = ("frozen weights", "trainable weights", "gradients", "optimizer states")
+STEP_TRANSIENTS = ("saved activations", "logits and loss", "workspace")
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
-    """Per mode: the plan's breakdown stacked, beside the measured peak over the import baseline."""
+    """Per mode: the plan stacked (what persists, then the larger transient: the step's or the optimizer's, as
+    plan_memory's peak counts them), beside the measured peak over the import baseline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(9, 5))
     axes = figure.add_subplot(1, 1, 1)
-    parts = list(rows[0]["plan_breakdown_gib"])
-    colours = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#999999"]
+    colours = dict(zip((*PERSISTENT, *STEP_TRANSIENTS, "optimizer workspace"),
+                       ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#999999", "#dd8452"],
+                       strict=True))
+    labelled = set()
     for i, row in enumerate(rows):
+        parts = row["plan_breakdown_gib"]
+        step = sum(parts[k] for k in STEP_TRANSIENTS)
+        shown = [*PERSISTENT, *(STEP_TRANSIENTS if step >= parts["optimizer workspace"] else ("optimizer workspace",))]
         bottom = 0.0
-        for part, colour in zip(parts, colours, strict=False):
-            value = row["plan_breakdown_gib"][part]
-            axes.bar(2 * i, value, bottom=bottom, color=colour, label=part if i == 0 else None, width=0.8)
-            bottom += value
-        axes.text(2 * i, bottom, f"plan\n{bottom:.2f}", ha="center", va="bottom", fontsize=8)
+        for part in shown:
+            axes.bar(2 * i, parts[part], bottom=bottom, color=colours[part], width=0.8,
+                     label=None if part in labelled else part)
+            labelled.add(part)
+            bottom += parts[part]
+        axes.text(2 * i, bottom, f"plan\n{row['plan_gib']:.2f}", ha="center", va="bottom", fontsize=8)
         bar = axes.bar(2 * i + 0.9, row["peak_over_start_gib"], color="#333333", width=0.8,
                        label="measured peak over imports" if i == 0 else None)
         axes.bar_label(bar, [f"measured\n{row['peak_over_start_gib']:.2f}"], fontsize=8)
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.worker is not None:
         row = worker(args.worker, json.loads(args.worker_settings))
-        print(RESULT_MARK + json.dumps(row), flush=True)
+        print_row(RESULT_MARK, row)
         return [row]
     modes = [m.strip() for m in args.modes.split(",")]
     if not modes or any(m not in MODES for m in modes):

@@ -81,22 +81,19 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import gc
 import json
 import math
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
+from benchmarks._process import print_row, release_freed_memory, reset_peak, run_worker, status_mib
+
 RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).resolve().parent.parent
 RESULT_MARK = "BENCH_PREPARE_RESULT "
 LR = 1e-4
 THREADS = 2
@@ -123,27 +120,6 @@ PROVIDERS = {
 
 
 # ---------------------------------------------------------------------------------------------- in the worker
-
-def _status_mib(field: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process from /proc/self/status, in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _release_freed_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
 
 def neuron_choice(settings: dict) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
     """``(deactivated, chosen)``: ``{layer: sorted neuron indices}``, fixed random draws (seeds 1 and 2)."""
@@ -280,7 +256,7 @@ def worker(provider: str, settings: dict) -> dict:
     import fastrit.tuning  # noqa: F401
 
     torch.set_num_threads(THREADS)
-    rss_imports = _status_mib("VmRSS")
+    rss_imports = status_mib("VmRSS")
     load_start = os.getloadavg()[0]
     kind, train, options = PROVIDERS[provider]
     deactivated, chosen = neuron_choice(settings)
@@ -306,10 +282,10 @@ def worker(provider: str, settings: dict) -> dict:
             return model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
     fingerprint = _neuron_fingerprint(model, settings, chosen) if provider == "plain neurons" else None
 
-    _release_freed_memory()
-    rss_prepared = _status_mib("VmRSS")
-    peak_before = _status_mib("VmHWM")
-    _reset_peak()
+    release_freed_memory()
+    rss_prepared = status_mib("VmRSS")
+    peak_before = status_mib("VmHWM")
+    reset_peak()
 
     def step() -> tuple[float, float, float]:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -327,7 +303,7 @@ def worker(provider: str, settings: dict) -> dict:
         seconds, cpu_seconds, last_loss = step()
         times.append(seconds)
         cpu_times.append(cpu_seconds)
-    peak = _status_mib("VmHWM")
+    peak = status_mib("VmHWM")
     unchanged = None
     if fingerprint is not None:
         after = _neuron_fingerprint(model, settings, chosen)
@@ -347,17 +323,8 @@ def worker(provider: str, settings: dict) -> dict:
 
 def run_provider(provider: str, settings: dict, mmap_threshold: int | None = None) -> dict:
     """Run ``provider`` in a fresh subprocess (glibc's ``MALLOC_MMAP_THRESHOLD_`` set when given); its row."""
-    command = [sys.executable, "-m", "benchmarks.bench_prepare", "--worker", provider,
-               "--worker-settings", json.dumps(settings)]
-    env = dict(os.environ)
-    if mmap_threshold is not None:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if done.returncode or not lines:
-        raise RuntimeError(f"{provider}: worker failed (exit {done.returncode}):\n{done.stdout[-3000:]}\n"
-                           f"{done.stderr[-6000:]}")
-    return json.loads(lines[-1][len(RESULT_MARK):])
+    env = {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold)} if mmap_threshold is not None else None
+    return run_worker("benchmarks.bench_prepare", provider, settings, RESULT_MARK, env)
 
 
 def add_plans(rows: list[dict], settings: dict) -> None:
@@ -518,7 +485,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.worker is not None:
         row = worker(args.worker, json.loads(args.worker_settings))
-        print(RESULT_MARK + json.dumps(row), flush=True)
+        print_row(RESULT_MARK, row)
         return [row]
 
     providers = list(PROVIDERS) if args.providers is None else [p.strip() for p in args.providers.split(",")]

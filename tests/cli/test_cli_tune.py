@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from fastrit import data, demo
 from fastrit.cli import main
 
 
@@ -12,12 +13,14 @@ def test_tune_on_mined_sets_and_export(tmp_path, capsys):
     mined = tmp_path / "mined"
     assert main(["mine", "--out", str(mined), "--max-examples", "8", "--steps", "2", "--no-progress"]) == 0
     out = tmp_path / "tuned"
+    dev = data.RagData(demo.load_data("dev").records.select(range(16))).save(tmp_path / "dev.jsonl")
     argv = ["tune", "--neuron-sets", str(mined), "--out", str(out), "--max-steps", "denoise=2,distill=1",
             "--batch-size", "2", "--optimizer", "adamw", "--save-steps", "1", "--no-progress",
-            "--export", str(tmp_path / "export")]
+            "--eval-data", str(dev), "--export", str(tmp_path / "export")]
     assert main(argv) == 0
     losses = json.loads((out / "eval_loss.json").read_text())
     assert set(losses) == {"before", "denoise", "distill"}
+    assert set(losses["distill"]) == {"answer_after_prompt", "answer_after_own_evidence", "marker_written"}
     assert (out / "1-denoise" / "delta.safetensors").is_file() and (out / "2-distill" / "delta.safetensors").is_file()
     assert (tmp_path / "export" / "config.json").is_file()
     assert "noisy-context answer loss" in capsys.readouterr().out
