@@ -82,7 +82,7 @@ def evaluate(
                 span = range(start, min(start + batch_size, len(batch_prompts)))
                 with torch.inference_mode():
                     new = greedy_continuations(model, batch_prompts.tensors(span), max_new_tokens,
-                                    batch_prompts.pad_token_id, tokenizer.eos_token_id)
+                                               batch_prompts.pad_token_id, tokenizer.eos_token_id)
                 for row, tokens in zip(span, new, strict=True):
                     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                     answers = data.records[batch_prompts.records[row]]["answers"]
