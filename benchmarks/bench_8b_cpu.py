@@ -236,26 +236,24 @@ def print_table(rows: list[dict]) -> None:
               flush=True)
 
 
-PERSISTENT = ("frozen weights", "trainable weights", "gradients", "optimizer states")
-STEP_TRANSIENTS = ("saved activations", "logits and loss", "workspace")
-
-
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Per mode: the plan stacked (what persists, then the larger transient: the step's or the optimizer's, as
     plan_memory's peak counts them), beside the measured peak over the import baseline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    from fastrit.tuning.plan import PERSISTENT_PARTS, STEP_PARTS
+
     figure = Figure(figsize=(9, 5))
     axes = figure.add_subplot(1, 1, 1)
-    colours = dict(zip((*PERSISTENT, *STEP_TRANSIENTS, "optimizer workspace"),
+    colours = dict(zip((*PERSISTENT_PARTS, *STEP_PARTS, "optimizer workspace"),
                        ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd", "#999999", "#dd8452"],
                        strict=True))
     labelled = set()
     for i, row in enumerate(rows):
         parts = row["plan_breakdown_gib"]
-        step = sum(parts[k] for k in STEP_TRANSIENTS)
-        shown = [*PERSISTENT, *(STEP_TRANSIENTS if step >= parts["optimizer workspace"] else ("optimizer workspace",))]
+        step = sum(parts[k] for k in STEP_PARTS)
+        shown = [*PERSISTENT_PARTS, *(STEP_PARTS if step >= parts["optimizer workspace"] else ("optimizer workspace",))]
         bottom = 0.0
         for part in shown:
             axes.bar(2 * i, parts[part], bottom=bottom, color=colours[part], width=0.8,

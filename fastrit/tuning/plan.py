@@ -44,7 +44,7 @@ from torch import nn
 from .loss import CHUNK_LOGITS
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, prepare
 
-__all__ = ["BUILT_IN_CONFIGS", "MemoryPlan", "plan_memory"]
+__all__ = ["BUILT_IN_CONFIGS", "PERSISTENT_PARTS", "STEP_PARTS", "MemoryPlan", "plan_memory"]
 
 GIB = 1024**3
 
@@ -64,6 +64,9 @@ BUILT_IN_CONFIGS = {
         num_key_value_heads=8, head_dim=256, max_position_embeddings=8192, tie_word_embeddings=True),
 }
 OPTIMIZERS = ("adamw8bit", "adamw")
+#: the breakdown's parts that persist through a step, and those that exist during forward and backward only
+PERSISTENT_PARTS = ("frozen weights", "trainable weights", "gradients", "optimizer states")
+STEP_PARTS = ("saved activations", "logits and loss", "workspace")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps float32 optimizer states for smaller tensors
 BNB_STATE_BLOCK = 256
@@ -232,8 +235,8 @@ def plan_memory(
         "workspace": largest_projection * size,
         "optimizer workspace": _optimizer_workspace(trainable, optimizer, size, device),
     }
-    persistent = sum(breakdown[k] for k in ("frozen weights", "trainable weights", "gradients", "optimizer states"))
-    backward = sum(breakdown[k] for k in ("saved activations", "logits and loss", "workspace"))
+    persistent = sum(breakdown[k] for k in PERSISTENT_PARTS)
+    backward = sum(breakdown[k] for k in STEP_PARTS)
     settings = dict(seq_len=seq_len, batch_size=batch_size, train=train, train_layers=train_layers, neurons=neurons,
                     quantize_frozen=quantize_frozen, optimizer=optimizer,
                     gradient_checkpointing=gradient_checkpointing, dtype=dtype, loss=loss, device=device,
