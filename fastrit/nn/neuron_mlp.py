@@ -185,12 +185,14 @@ class NeuronMLP(nn.Module):
         """``[..., H] -> [..., H]`` in ``x.dtype``."""
         flat = x.reshape(-1, x.shape[-1])
         out = None
-        if self.frozen_in is not None:
-            out = self.frozen_out(self._site([m(flat) for m in self.frozen_in], self.frozen_keep))
+        # the trainable part first: under checkpointing, the recompute stops once every saved tensor is recomputed,
+        # so the frozen output projection (NF4, which saves nothing) after it is never recomputed
         if self.in_weight is not None:
             pre = F.linear(flat, self.in_weight, self.in_bias)
-            trained = F.linear(self._site(list(pre.chunk(self.inputs, dim=-1))), self.out_weight)
-            out = trained if out is None else out + trained
+            out = F.linear(self._site(list(pre.chunk(self.inputs, dim=-1))), self.out_weight)
+        if self.frozen_in is not None:
+            frozen = self.frozen_out(self._site([m(flat) for m in self.frozen_in], self.frozen_keep))
+            out = frozen if out is None else frozen + out
         if out is None:  # every neuron deactivated
             out = flat.new_zeros(flat.shape)
         if self.out_bias is not None:

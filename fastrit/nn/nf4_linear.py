@@ -78,13 +78,16 @@ class _NF4LinearFunction(torch.autograd.Function):
     def forward(ctx, x, bias, packed, quant_state, backend):
         ctx.quant_state = quant_state
         ctx.backend = backend
-        ctx.save_for_backward(packed)  # uint8 codes only: the dequantized weight is rebuilt in backward
+        # the uint8 codes only (the dequantized weight is rebuilt in backward), kept as a plain reference rather than
+        # a saved tensor: they are a frozen buffer, and a layer checkpoint's recompute can then stop before this
+        # projection when nothing after it saves anything
+        ctx.packed = packed
         return ops.nf4_linear(x, packed, quant_state, bias, backend=backend)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        (packed,) = ctx.saved_tensors
+        packed = ctx.packed
         grad_x = None
         if ctx.needs_input_grad[0]:
             weight = ops.nf4_dequantize(packed, ctx.quant_state, backend=ctx.backend).to(grad_out.dtype)

@@ -12,8 +12,10 @@ Breakdown (bytes, at the peak, which is the backward pass of the lowest trainabl
 - ``optimizer states``: bitsandbytes 8-bit AdamW: two uint8 states per value plus two float32 absmax per 256
   values (tensors under 4,096 values keep float32 states); torch AdamW: two states in the parameters' dtype;
 - ``saved activations``: with gradient checkpointing, each decoder layer from the lowest trainable one up keeps
-  its input (``B x T x H``), and one layer at a time is recomputed (its attention and MLP intermediates); without
-  it, every such layer keeps its intermediates;
+  its input (``B x T x H``), and one layer's attention and MLP intermediates exist at a time (a layer recomputed
+  in backward, or the last layer, which is not checkpointed, during the loss); with ``train="neurons"`` the lowest
+  target layer is not checkpointed either and keeps the chosen neurons' gate, up and activation too; without
+  checkpointing, every such layer keeps its intermediates;
 - ``logits and loss``: fastrit.tuning.causal_lm_loss: one chunk of float32 logits (its softmax and gradient are
   formed in place; in 16-bit dtypes one more chunk in that dtype), and the hidden-state gradient of the labelled
   positions (``loss="model"``: the whole logits, as the model's own loss);
@@ -216,6 +218,8 @@ def plan_memory(
     backward_layers = layers - min(train_layers)
     if gradient_checkpointing:
         saved = backward_layers * tokens * hidden * size + per_layer
+        if train == "neurons":  # the lowest target layer runs without a checkpoint (prepare.checkpointed_layers):
+            saved += tokens * size * 3 * neurons  # its chosen neurons' gate, up and activation, beside its MLP input
     else:
         saved = backward_layers * per_layer
     vocab = config.vocab_size

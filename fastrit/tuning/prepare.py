@@ -208,7 +208,7 @@ def prepare(
         model.hf_quantizer.remove_quantization_config(model)
         model.is_loaded_in_4bit = False
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        enable_checkpointing(model)
+        enable_checkpointing(model, train_layers, train)
     settings = {"deactivate": deactivate if isinstance(deactivate, str | None) else "explicit",
                 "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
                 "quantize_frozen": quantize_frozen, "gradient_checkpointing": gradient_checkpointing}
@@ -253,13 +253,22 @@ def _modify(model: nn.Module, *, layout: MLPLayout, deactivated: dict, trainable
     return applied_lora
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing on the decoder layers, with backward stopping at the lowest layer
-    that holds a trainable parameter.
+def enable_checkpointing(model: nn.Module, train_layers: list[int], train: str) -> None:
+    """Non-reentrant activation checkpointing on the decoder layers where it saves memory, with backward stopping
+    at the lowest layer that holds a trainable parameter.
 
     transformers also makes the input embeddings' output require grad when it enables checkpointing (needed by
     reentrant checkpointing only); that would carry the backward pass, and the activations it saves, down through
     every frozen layer to the embeddings. It is undone here: non-reentrant checkpointing needs no input gradient.
+
+    Two layers run without a checkpoint (:func:`checkpointed_layers`), because one would cost a recompute of the
+    layer and save next to nothing:
+
+    - the last decoder layer: its backward runs first, right after the loss, so a checkpoint would free its
+      intermediates only while the loss is computed (a chunk of positions at a time) and rebuild them at once;
+    - with ``train="neurons"``, the lowest target layer: nothing below it needs gradients, so its attention and the
+      frozen part of its MLP keep nothing; it keeps only its MLP input and the chosen neurons' activations, while a
+      checkpoint would recompute the whole layer to rebuild them.
     """
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
@@ -268,6 +277,19 @@ def enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
+    layers = decoder_layers(model)
+    keep = checkpointed_layers(len(layers), train_layers, train)
+    for index, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):  # transformers' GradientCheckpointingLayer: a per-layer switch
+            layer.gradient_checkpointing = index in keep
+
+
+def checkpointed_layers(num_layers: int, train_layers: list[int], train: str) -> set[int]:
+    """The decoder layers :func:`enable_checkpointing` checkpoints: those from the lowest target layer up, except the
+    last layer and, with ``train="neurons"``, the lowest target layer (layers below it run without gradients)."""
+    lowest = min(train_layers)
+    skip = {num_layers - 1} | ({lowest} if train == "neurons" else set())
+    return set(range(lowest, num_layers)) - skip
 
 
 def _inject_lora(model: nn.Module, layout: MLPLayout, train_layers: list[int], lora_config) -> dict:

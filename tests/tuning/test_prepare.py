@@ -277,3 +277,44 @@ def test_a_failure_while_modifying_is_rehearsed_on_a_meta_copy_and_leaves_the_mo
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.requires_grad for p in model.parameters())
     assert getattr(model, "fastrit_preparation", None) is None
+
+
+@pytest.mark.parametrize("train, checkpointed", [("neurons", {2, 3}), ("mlp", {1, 2, 3})])
+def test_checkpointing_skips_what_would_only_be_recomputed_and_keeps_the_gradients(train, checkpointed):
+    """The last layer, and with train="neurons" the lowest target layer, run without a checkpoint; in checkpointed
+    layers the recompute stops before the frozen NF4 output projection; the gradients are those without
+    checkpointing, bit for bit."""
+    import transformers
+
+    from tests.tiny_models import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 5
+    torch.manual_seed(0)
+    original = transformers.LlamaForCausalLM(config)
+    grads = {}
+    for checkpointing in (False, True):
+        model = _prepare(copy.deepcopy(original), train, quantize="nf4", deactivate={3: [1, 2]},
+                         gradient_checkpointing=checkpointing)
+        model.train()
+        layers = decoder_layers(model)
+        if checkpointing:
+            assert {i for i, layer in enumerate(layers) if layer.gradient_checkpointing} == checkpointed
+        calls = {}
+        handles = []
+        for i, layer in enumerate(layers):
+            mlp = layer.mlp
+            if isinstance(mlp, NeuronMLP) and mlp.frozen_in is not None:
+                for name, module in (("in", mlp.frozen_in[0]), ("out", mlp.frozen_out)):
+                    handles.append(module.register_forward_hook(
+                        lambda *_, key=(i, name): calls.__setitem__(key, calls.get(key, 0) + 1)))
+        ids = _inputs(4)
+        _loss(model(ids).logits, ids).backward()
+        for handle in handles:
+            handle.remove()
+        grads[checkpointing] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        if checkpointing:
+            assert calls == {key: 2 if key[0] in checkpointed and key[1] == "in" else 1 for key in calls}
+            assert any(count == 2 for count in calls.values()) and calls[(3, "out")] == 1
+    assert grads[True].keys() == grads[False].keys()
+    assert all(torch.equal(grads[True][n], grads[False][n]) for n in grads[False])
