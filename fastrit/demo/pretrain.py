@@ -3,8 +3,11 @@
 A tiny LlamaForCausalLM with a word-level tokenizer over the synthetic world's vocabulary, trained to answer
 synthetic questions from the passages in its prompt, as real RAG readers are trained: mostly on clean contexts
 (the relevant passages, or one relevant and one irrelevant), some noisy ones (one relevant among k = 5). Every
-example draws its facts afresh (fastrit.data.synthetic), so the model must read. Loss on the answer and the
-end token only. Writes the model and tokenizer (safetensors) to ``--out`` (default: the package's reader/).
+example draws its facts afresh (fastrit.data.synthetic), so the model must read. Most targets are the answer; 18 %
+are the evidence sentence and then the answer (``Evidence: ... Answer: ...``, fastrit.data.evidence_target), as
+instruction-tuned readers have seen rationales before: Neuro-RIT's distill stage then reinforces a format the reader
+knows instead of teaching a tiny model to copy sentences from scratch. Loss on the target and the end token only.
+Writes the model and tokenizer (safetensors) to ``--out`` (default: the package's reader/).
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from .. import data
 from ..data import world
 
 READER_DIR = Path(__file__).resolve().parent / "reader"
-TEMPLATE_WORDS = ["Passage", ":", ".", "?", "!", ",", "Question", "Answer", "user", "assistant"]
-# (condition, k, share of the training examples)
-MIX = (("relevant", 5, 0.70), ("noisy", 2, 0.18), ("noisy", 5, 0.12))
+TEMPLATE_WORDS = ["Passage", ":", ".", "?", "!", ",", "Question", "Answer", "Evidence", "user", "assistant"]
+# (condition, k, target: the answer or the evidence then the answer, share of the training examples)
+MIX = (("relevant", 5, "answer", 0.58), ("noisy", 2, "answer", 0.14), ("noisy", 5, "answer", 0.10),
+       ("relevant", 5, "evidence", 0.08), ("noisy", 2, "evidence", 0.05), ("noisy", 5, "evidence", 0.05))
 
 
 def word_tokenizer(words, chat_template: str | None = None, model_max_length: int = 512):
@@ -59,14 +63,18 @@ def build_model(tokenizer, seed: int) -> transformers.LlamaForCausalLM:
 
 
 def _batch(tokenizer, rng: random.Random, size: int, seed: int) -> dict[str, torch.Tensor]:
-    """``size`` training sequences (prompt + answer + end token), right-padded, labels on answer and end only."""
+    """``size`` training sequences (prompt + target + end token), right-padded, labels on target and end only."""
     rows = []
-    conditions = rng.choices(MIX, weights=[w for _, _, w in MIX], k=size)
+    conditions = rng.choices(MIX, weights=[w for *_, w in MIX], k=size)
     records = data.synthetic(size, split="train", seed=seed, k=5)
-    for index, (condition, k, _) in enumerate(conditions):
+    for index, (condition, k, target, _) in enumerate(conditions):
         one = data.RagData(records.records.select([index]))
         built = data.prompts(one, tokenizer, condition=condition, k=k, seed=seed * 7919 + index)
-        prompt, answer = built.prompt_ids[0], built.target_ids[0] + [tokenizer.eos_token_id]
+        prompt, answer = built.prompt_ids[0], built.target_ids[0]
+        evidence = data.evidence_target(one.records[0]) if target == "evidence" else None
+        if evidence is not None:
+            prompt, answer = data.encode_pair(tokenizer, built.texts[0], evidence)
+        answer = answer + [tokenizer.eos_token_id]
         rows.append((prompt + answer, [-100] * len(prompt) + answer))
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((size, width), tokenizer.pad_token_id)

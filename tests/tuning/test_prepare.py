@@ -307,7 +307,7 @@ def test_checkpointing_skips_what_would_only_be_recomputed_and_keeps_the_gradien
             if isinstance(mlp, NeuronMLP) and mlp.frozen_in is not None:
                 for name, module in (("in", mlp.frozen_in[0]), ("out", mlp.frozen_out)):
                     handles.append(module.register_forward_hook(
-                        lambda *_, key=(i, name): calls.__setitem__(key, calls.get(key, 0) + 1)))
+                        lambda *_, key=(i, name), calls=calls: calls.__setitem__(key, calls.get(key, 0) + 1)))
         ids = _inputs(4)
         _loss(model(ids).logits, ids).backward()
         for handle in handles:
