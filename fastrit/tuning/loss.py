@@ -50,8 +50,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
             picked = logits.gather(1, t[:, None]).squeeze(1)
             if not needs_grad:
                 total += (torch.logsumexp(logits, dim=1) - picked).sum()
+                del logits  # freed before the next chunk's logits are made, not after: one [chunk, V] at a time
                 continue
             grad = logits.exp_()
+            del logits
             sums = grad.sum(dim=1)
             total += (sums.log() - picked).sum()
             grad.div_(sums[:, None])  # d(sum of losses)/d logits = softmax - one_hot
@@ -64,6 +66,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 grad_weight += grad.t() @ h.float()
             if needs_bias:
                 grad_bias += grad.sum(0)
+            del grad, through_cap  # as logits above
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight, grad_bias) if g is not None))
         ctx.present = (needs_hidden, needs_weight, needs_bias)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
