@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.14.1
 STAMP := $(VENV)/.fastrit-installed
 
-.PHONY: install test gpu-test bench lint clean
+.PHONY: install test demo gpu-test bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The whole pipeline on the embedded default (a few minutes on a CPU); the report goes to demo-output/, replaced on
+# every run.
+demo: $(STAMP)
+	rm -rf demo-output
+	$(PY) -m fastrit demo --out demo-output
 
 # Every GPU test (tests marked gpu: the kernels on CUDA tensors against the reference and bitsandbytes' CUDA
 # kernels, the attribution engine on CUDA), with the Triton interpreter off. Needs a CUDA GPU.

@@ -29,8 +29,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def _subset(split: str, n: int) -> data.RagData:
+    """The first ``n`` records of ``split``; refuses more than the split has (its size is fixed)."""
     full = demo.load_data(split)
-    return data.RagData(full.records.select(range(min(n, len(full)))))
+    if n > len(full):
+        raise ValueError(f"{split} records: the {split} split has {len(full)}, {n} asked for")
+    return data.RagData(full.records.select(range(n)))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mine-records", type=int, default=400)
     parser.add_argument("--mine-steps", type=int, default=8)
     parser.add_argument("--train-records", type=int, default=4000)
-    parser.add_argument("--dev-records", type=int, default=400)
+    parser.add_argument("--dev-records", type=int, default=300, help="at most the dev split's 300")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

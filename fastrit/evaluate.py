@@ -8,9 +8,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import max_positions
-from .data import RagData, normalize_answer, prompts
+from .data import RagData, encode_pair, normalize_answer, prompts
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "index_after"]
 
 logger = logging.getLogger("fastrit.evaluate")
 
@@ -31,6 +31,14 @@ def greedy_continuations(model, batch: dict[str, torch.Tensor], max_new_tokens: 
     return out[:, input_ids.shape[1] :].cpu()
 
 
+def index_after(sequence: list[int], part: list[int]) -> int:
+    """The index just past the first occurrence of ``part`` in ``sequence``, or -1."""
+    for start in range(len(sequence) - len(part) + 1):
+        if sequence[start:start + len(part)] == part:
+            return start + len(part)
+    return -1
+
+
 def evaluate(
     model,
     tokenizer,
@@ -44,6 +52,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = False,
     return_predictions: bool = False,
+    answer_marker: str | None = None,
 ):
     """Exact match (SQuAD-normalised, against any answer) of ``model``'s greedy answer per condition.
 
@@ -52,6 +61,11 @@ def evaluate(
     condition's score (and logged). Batches of ``batch_size`` left-padded prompts go
     through ``model.generate``; the answer is the generated text up to the end-of-sequence token. The model is
     put in eval mode while generating and given back in the mode it had.
+
+    ``answer_marker``: for a model that writes something before its answer (Neuro-RIT's distill stage teaches
+    ``Evidence: ... Answer: ...``; pass ``fastrit.data.ANSWER_MARKER``), the answer is what follows the first
+    marker in the generated tokens; a continuation without the marker is scored as it is. Give
+    ``max_new_tokens`` room for what comes before the answer.
 
     Returns ``{condition: EM}``; with ``return_predictions=True``, ``(scores, predictions)`` where
     ``predictions[condition]`` lists ``{"record", "prediction", "answers", "correct"}`` per kept record.
@@ -77,13 +91,18 @@ def evaluate(
             if batch_prompts.skipped:
                 logger.info("fastrit.evaluate %s: skipped %s", condition, batch_prompts.skipped)
             rows = []
+            marker = (encode_pair(tokenizer, batch_prompts.texts[0], answer_marker)[1]
+                      if answer_marker is not None and len(batch_prompts) else None)
             starts = range(0, len(batch_prompts), batch_size)
             for start in tqdm(starts, desc=f"evaluate {condition}", disable=not progress):
                 span = range(start, min(start + batch_size, len(batch_prompts)))
                 with torch.inference_mode():
                     new = greedy_continuations(model, batch_prompts.tensors(span), max_new_tokens,
                                                batch_prompts.pad_token_id, tokenizer.eos_token_id)
-                for row, tokens in zip(span, new, strict=True):
+                for row, tokens in zip(span, new.tolist(), strict=True):
+                    if marker is not None:
+                        end = index_after(tokens, marker)
+                        tokens = tokens[end:] if end >= 0 else tokens
                     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
                     answers = data.records[batch_prompts.records[row]]["answers"]
                     correct = normalize_answer(text) in {normalize_answer(a) for a in answers}

@@ -1,6 +1,7 @@
 """The embedded default: the shipped reader loads with plain transformers, is small, reads its passages, and is
 misled by noisy ones; the synthetic splits it comes with."""
 
+import json
 import subprocess
 import sys
 
@@ -50,3 +51,28 @@ def test_reader_reads_and_is_misled_by_noise():
                               batch_size=100, max_new_tokens=4)
     assert scores["relevant"] >= 0.85
     assert scores["noisy"] <= scores["relevant"] - 0.15
+
+
+def test_the_demo_pipeline_writes_its_report_and_an_export_that_answers_alike(tmp_path, capsys):
+    from fastrit.cli import main
+
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--steps", "2", "--batch-size", "4", "--mine-records", "8", "--mine-steps",
+            "2", "--train-records", "48", "--test-records", "16", "--export-questions", "4", "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "Neuro-RIT" in printed and "baseline" in printed and "export: 4/4" in printed
+    report = json.loads((out / "report.json").read_text())
+    for key in ("em_before", "em_after", "em_baseline"):
+        assert set(report[key]) == {"relevant", "noisy"} and all(0 <= v <= 1 for v in report[key].values())
+    assert report["questions"] == 16 and len(report["target_layers"]) == 3
+    assert report["export"] == {**report["export"], "questions": 4, "same_answers": 4, "fastrit_imported": False}
+    assert set(report["seconds"]) == set(report["peak_memory_mib"]) == {
+        "evaluate before", "mine", "tune (Neuro-RIT)", "baseline", "evaluate after", "export"}
+    assert set(report["training_loss"]["neuro-rit"]) == {"denoise", "distill"}
+    for name in ("report.md", "em.png", "training_loss.png", "neurons_per_layer.png", "activation_shares.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert (out / "export" / "config.json").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["export"]  # no working folder left behind
+    assert main(argv) == 1  # the folder is not empty now: refused, nothing overwritten
+    assert "out_dir" in capsys.readouterr().err

@@ -77,6 +77,36 @@ def test_exact_match_counts_a_model_that_copies_the_answer(reader, monkeypatch):
             "relevant": 0.5}
 
 
+def test_the_answer_after_the_marker_is_what_is_scored(reader, monkeypatch):
+    # a stand-in generate writing "Passage : <gold> . Answer : <gold>" (right), "... Answer : Question" (wrong:
+    # the gold answer earlier in the text does not count) or the bare gold answer without a marker (scored as is)
+    model, tokenizer = reader
+    rag = data.synthetic(9, split="dev", seed=2, k=3)
+    built = data.prompts(rag, tokenizer, condition="relevant", k=3)
+    by_prompt = {tuple(p): r for p, r in zip(built.prompt_ids, built.records, strict=True)}
+
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def fake_generate(input_ids, attention_mask, max_new_tokens, **kwargs):
+        rows = []
+        for prompt, mask in zip(input_ids, attention_mask, strict=True):
+            record = by_prompt[tuple(prompt[mask.bool()].tolist())]
+            gold = rag.records[record]["answers"][0]
+            text = [f" Passage: {gold}. Answer: {gold}", f" Passage: {gold}. Answer: Question", f" {gold}"][record % 3]
+            rows.append(torch.cat([prompt, torch.tensor(ids(text) + [tokenizer.eos_token_id])]))
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
+
+    monkeypatch.setattr(model, "generate", fake_generate)
+    for batch_size in (2, 9):
+        scores, predictions = fastrit.evaluate(model, tokenizer, rag, conditions=("relevant",), k=3,
+                                               batch_size=batch_size, answer_marker=data.ANSWER_MARKER,
+                                               return_predictions=True)
+        assert scores == {"relevant": 6 / 9}
+        assert [p["correct"] for p in predictions["relevant"]] == [r % 3 != 1 for r in range(9)]
+    assert fastrit.evaluate(model, tokenizer, rag, conditions=("relevant",), k=3) == {"relevant": 3 / 9}
+
+
 def test_bad_arguments_name_themselves(reader):
     model, tokenizer = reader
     rag = data.synthetic(2, seed=0)

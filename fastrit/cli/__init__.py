@@ -11,13 +11,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import attribute, mine, tune
+from . import attribute, bench, demo, evaluate, mine, prepare, tune
 from ._common import HelpFormatter
 
 __all__ = ["main"]
 
 # each group module has add_parsers(subparsers) and sets `run` (a function of the parsed args) on its parsers
-_GROUPS = (attribute, mine, tune)
+_GROUPS = (attribute, mine, prepare, tune, evaluate, bench, demo)
 
 _USER_ERRORS = (OSError, ValueError, TypeError, KeyError)
 

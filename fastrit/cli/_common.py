@@ -9,8 +9,8 @@ from pathlib import Path
 from ..attribution import METHODS
 
 __all__ = [
-    "HelpFormatter", "add_attribution_arguments", "add_data_arguments", "add_model_arguments", "load_data",
-    "load_model",
+    "HelpFormatter", "add_attribution_arguments", "add_data_arguments", "add_delta_argument", "add_model_arguments",
+    "add_prepare_arguments", "delta_path", "load_data", "load_model", "prepare_settings",
 ]
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -38,7 +38,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="load the weights in bitsandbytes NF4 (4-bit) to save memory")
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, *, default_split: str = "train") -> None:
+def add_data_arguments(parser: argparse.ArgumentParser, *, default_split: str = "train",
+                       max_length: bool = True) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--data", metavar="FILE", default=None,
                        help="RAG QA records: .jsonl, .json or .parquet (question, answers, ctxs); default: the "
@@ -48,8 +49,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default_split: str = 
                        help="prompt template: a format string with {passages} and {question}, or 'chat' "
                             "(default: 'Passage: ... Question: ... Answer:')")
     group.add_argument("--seed", type=int, default=0, help="seed of the passage shuffling in prompts")
-    group.add_argument("--max-length", type=int, default=None,
-                       help="longest prompt + answer in tokens (default: the model's maximum positions)")
+    if max_length:
+        group.add_argument("--max-length", type=int, default=None,
+                           help="longest prompt + answer in tokens (default: the model's maximum positions)")
     parser.set_defaults(default_split=default_split)
 
 
@@ -110,6 +112,68 @@ def load_model(args: argparse.Namespace):
     if not args.load_in_4bit:
         model = model.to(device)
     return model.eval(), tokenizer
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from error
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """What fastrit.prepare does to the model: the neuron sets, what trains, NF4, checkpointing."""
+    parser.add_argument("--neuron-sets", metavar="DIR", default=None,
+                        help="a folder written by `fastrit mine` (deactivated neurons, target layers, trainable "
+                             "neurons); without it give --train-layers, and nothing is deactivated")
+    group = parser.add_argument_group("what trains")
+    group.add_argument("--train", choices=("mlp", "neurons", "lora"), default="mlp",
+                       help="the target layers' MLPs, only their chosen neurons, or LoRA adapters on them")
+    group.add_argument("--train-layers", type=_layers, default=None, metavar="L,L,...",
+                       help="the target layers (default: the neuron sets' target layers)")
+    group.add_argument("--no-quantize", action="store_true", help="keep the frozen layers in their dtype, not NF4")
+    group.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
+
+
+def prepare_settings(args: argparse.Namespace):
+    """``(neuron_sets or None, fastrit.prepare keyword arguments)`` from :func:`add_prepare_arguments`' options."""
+    from ..mining import NeuronSets
+
+    sets = None
+    if args.neuron_sets is not None:
+        if not Path(args.neuron_sets).is_dir():
+            raise FileNotFoundError(f"--neuron-sets: no such folder: {args.neuron_sets!r}")
+        sets = NeuronSets.load(args.neuron_sets)
+    elif args.train_layers is None:
+        raise ValueError("--train-layers: give the layers to train, or --neuron-sets to take its target layers")
+    kwargs = dict(train=args.train, quantize_frozen=None if args.no_quantize else "nf4",
+                  gradient_checkpointing=not args.no_checkpointing)
+    if args.train_layers is not None:
+        kwargs["train_layers"] = args.train_layers
+    if sets is None:
+        kwargs["deactivate"] = None
+    return sets, kwargs
+
+
+def add_delta_argument(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    parser.add_argument("--delta", metavar="PATH", required=required, default=None,
+                        help="what fastrit changed in the model: a delta file (fastrit.save_delta, `fastrit prepare`) "
+                             "or a `fastrit tune` output folder (its last finished stage)"
+                             + ("" if required else "; default: the model as it is"))
+
+
+def delta_path(path: str) -> Path:
+    """The delta file named by ``--delta``: the file itself, or the last finished stage's delta in a tune folder."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    if not candidate.is_dir():
+        raise FileNotFoundError(f"--delta: no such file or folder: {path!r}")
+    stages = sorted(candidate.glob("*-*/delta.safetensors"), key=lambda p: int(p.parent.name.split("-")[0])
+                    if p.parent.name.split("-")[0].isdigit() else -1)
+    if not stages:
+        raise FileNotFoundError(f"--delta: {path!r} holds no finished `fastrit tune` stage (no */delta.safetensors)")
+    return stages[-1]
 
 
 def load_data(args: argparse.Namespace):

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import HelpFormatter, add_data_arguments, add_model_arguments, load_data, load_model
+from ._common import (
+    HelpFormatter,
+    add_data_arguments,
+    add_model_arguments,
+    add_prepare_arguments,
+    load_data,
+    load_model,
+    prepare_settings,
+)
 
 __all__ = ["add_parsers", "per_stage"]
 
@@ -30,13 +38,6 @@ def per_stage(kind):
     return parse
 
 
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from error
-
-
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     tune = subparsers.add_parser(
         "tune", formatter_class=HelpFormatter,
@@ -48,21 +49,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     tune.add_argument("--out", metavar="DIR", default="tune-output",
                       help="folder for the stages' checkpoints, their deltas and eval_loss.json")
-    tune.add_argument("--neuron-sets", metavar="DIR", default=None,
-                      help="a folder written by `fastrit mine` (deactivated neurons, target layers, trainable "
-                           "neurons); without it give --train-layers, and nothing is deactivated")
     add_model_arguments(tune)
     add_data_arguments(tune, default_split="train")
     tune.add_argument("--eval-data", metavar="FILE", default=None,
                       help="held-out records whose noisy-context answer loss is measured before and after each "
                            "stage (default: the embedded dev split when --data is not given, else none)")
-    group = tune.add_argument_group("what trains")
-    group.add_argument("--train", choices=("mlp", "neurons", "lora"), default="mlp",
-                       help="the target layers' MLPs, only their chosen neurons, or LoRA adapters on them")
-    group.add_argument("--train-layers", type=_layers, default=None, metavar="L,L,...",
-                       help="the target layers (default: the neuron sets' target layers)")
-    group.add_argument("--no-quantize", action="store_true", help="keep the frozen layers in their dtype, not NF4")
-    group.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
+    add_prepare_arguments(tune)
     group = tune.add_argument_group("training (per stage)")
     group.add_argument("--stages", default="denoise,distill", help="the stages to run, in order")
     group.add_argument("--epochs", type=per_stage(float), default=1.0, help="epochs over the stage's examples")
@@ -112,13 +104,7 @@ def run_tune(args: argparse.Namespace) -> None:
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     if not stages or any(s not in STAGE_NAMES for s in stages) or len(set(stages)) != len(stages):
         raise ValueError(f"--stages: expected distinct names among {STAGE_NAMES}, got {args.stages!r}")
-    sets = None
-    if args.neuron_sets is not None:
-        if not Path(args.neuron_sets).is_dir():
-            raise FileNotFoundError(f"--neuron-sets: no such folder: {args.neuron_sets!r}")
-        sets = fastrit.NeuronSets.load(args.neuron_sets)
-    elif args.train_layers is None:
-        raise ValueError("--train-layers: give the layers to train, or --neuron-sets to take its target layers")
+    sets, prepare_kwargs = prepare_settings(args)
     data = load_data(args)
     eval_data = None
     if args.eval_data is not None:
@@ -126,12 +112,6 @@ def run_tune(args: argparse.Namespace) -> None:
     elif args.data is None:
         eval_data = demo.load_data("dev")
     model, tokenizer = load_model(args)
-    prepare_kwargs = dict(train=args.train, quantize_frozen=None if args.no_quantize else "nf4",
-                          gradient_checkpointing=not args.no_checkpointing)
-    if args.train_layers is not None:
-        prepare_kwargs["train_layers"] = args.train_layers
-    if sets is None:
-        prepare_kwargs["deactivate"] = None
     fastrit.tune(model, tokenizer, data, sets, output_dir=args.out, stages=stages, epochs=args.epochs,
                  learning_rate=args.lr, batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
                  warmup=args.warmup, max_steps=args.max_steps, optimizer=args.optimizer, save_steps=args.save_steps,

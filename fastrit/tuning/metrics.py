@@ -19,7 +19,7 @@ from torch import nn
 from .. import data as rag
 from ..arch import max_positions
 from ..data import ANSWER_MARKER, RagData
-from ..evaluate import greedy_continuations
+from ..evaluate import greedy_continuations, index_after
 from .loss import causal_lm_loss
 from .stages import IGNORE_INDEX, collate
 
@@ -54,14 +54,6 @@ class EvidenceAnswerLoss(NamedTuple):
     loss: float
     examples: int
     marker_written: float
-
-
-def _find(sequence: list[int], part: list[int]) -> int:
-    """Index just past the first occurrence of ``part`` in ``sequence``, or -1."""
-    for start in range(len(sequence) - len(part) + 1):
-        if sequence[start:start + len(part)] == part:
-            return start + len(part)
-    return -1
 
 
 def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k: int = 5,
@@ -101,7 +93,7 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
             for row, tokens in zip(span, new.tolist(), strict=True):
                 if eos is not None and eos in tokens:
                     tokens = tokens[:tokens.index(eos)]
-                end = _find(tokens, marker)
+                end = index_after(tokens, marker)
                 written += end >= 0
                 evidence = tokens[:end] if end >= 0 else tokens + marker
                 answer = data.records[built.records[row]]["answers"][0]

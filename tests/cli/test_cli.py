@@ -11,7 +11,7 @@ import torch
 from fastrit import NeuronAttribution, NeuronSets
 from fastrit.cli import build_parser, main
 
-SUBCOMMANDS = ("attribute", "mine", "plot", "tune", "plan")
+SUBCOMMANDS = ("attribute", "mine", "plot", "prepare", "tune", "eval", "export", "plan", "bench", "demo")
 
 
 def test_help_lists_the_subcommands_and_every_argument_documents_itself(capsys):
@@ -57,6 +57,13 @@ def test_mine_and_plot_on_the_embedded_default(tmp_path, capsys):
     assert main(["plot", str(out), "--out", str(tmp_path / "pictures" / "run.png")]) == 0
     assert sorted(p.name for p in (tmp_path / "pictures").iterdir()) == [
         "run-activation_shares.png", "run-neurons_per_layer.png"]
+
+
+def test_bench_runs_a_benchmark_of_the_checkout_with_its_options(tmp_path, capfd):
+    assert main(["bench", "tune", "--help"]) == 0  # the benchmark's own options, in a process of its own
+    assert "--dev-records" in capfd.readouterr().out
+    assert main(["bench", "all", "--quick"]) == 1
+    assert "'all' runs every benchmark with its defaults" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

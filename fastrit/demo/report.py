@@ -1,0 +1,121 @@
+"""The demo's report: ``report.json``, ``report.md``, the PNGs, and the table printed at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .._io import write_text_atomic
+
+__all__ = ["format_table", "write_report"]
+
+_ROWS = (("before", "em_before"), ("Neuro-RIT", "em_after"), ("baseline", "em_baseline"))
+
+
+def format_table(report: dict) -> str:
+    """Exact match per condition before tuning, after Neuro-RIT and after the plain baseline; then the cost."""
+    conditions = list(report["em_before"])
+    lines = [f"{'EM on ' + str(report['questions']) + ' test questions':<34}" + "".join(f"{c:>10}" for c in conditions)]
+    for label, key in _ROWS:
+        lines.append(f"{label:<34}" + "".join(f"{report[key][c]:>10.3f}" for c in conditions))
+    lines.append(f"target layers {report['target_layers']}; deactivated neurons "
+                 f"{sum(report['deactivated_per_layer'])}; trainable parameters {report['trainable_params']:,} "
+                 f"(baseline {report['baseline_trainable_params']:,})")
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report["seconds"].items())
+    lines.append(f"time: {phases}")
+    exported = report["export"]
+    lines.append(f"export: {exported['same_answers']}/{exported['questions']} answers the same in plain transformers")
+    return "\n".join(lines)
+
+
+def _markdown(report: dict) -> str:
+    conditions = list(report["em_before"])
+    rows = ["| | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
+    for label, key in _ROWS:
+        rows.append(f"| {label} | " + " | ".join(f"{report[key][c]:.3f}" for c in conditions) + " |")
+    phases = ["| phase | seconds | peak RSS (MiB) |", "|---|---|---|"]
+    for name, seconds in report["seconds"].items():
+        peak = report["peak_memory_mib"].get(name)
+        phases.append(f"| {name} | {seconds:.1f} | {'-' if peak is None else f'{peak:.0f}'} |")
+    exported = report["export"]
+    settings = report["settings"]
+    return "\n".join([
+        "# fastrit demo: Neuro-RIT on the embedded reader",
+        "",
+        f"Exact match on {report['questions']} held-out test questions (k = 5 passages; noisy = one relevant among "
+        "irrelevant ones). Neuro-RIT: the irrelevant-exclusive neurons deactivated, frozen layers in NF4, the "
+        f"target layers' MLPs trained, {settings['steps']} steps of stage 1 (denoise) and of stage 2 (distill). "
+        f"Baseline: the same layers' MLPs, nothing deactivated, {2 * settings['steps']} steps of answer-only "
+        "targets on the same prompts. Answers after `Answer:` when a model writes it (stage 2 teaches evidence "
+        "first), else the whole continuation.",
+        "",
+        *rows,
+        "",
+        f"- target layers: {report['target_layers']}; deactivated neurons per layer: "
+        f"{report['deactivated_per_layer']}",
+        f"- trainable parameters: {report['trainable_params']:,} (baseline {report['baseline_trainable_params']:,})",
+        f"- export: {exported['same_answers']} of {exported['questions']} test answers identical when the export is "
+        "loaded by plain transformers in a process without fastrit",
+        "",
+        *phases,
+        "",
+        "Plots: `em.png`, `neurons_per_layer.png`, `activation_shares.png`, `training_loss.png`.",
+        "",
+    ])
+
+
+def _plot_em(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conditions = list(report["em_before"])
+    width = 0.26
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (label, key) in enumerate(_ROWS):
+        xs = [c + (i - 1) * width for c in range(len(conditions))]
+        bars = ax.bar(xs, [report[key][c] for c in conditions], width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.set_xticks(range(len(conditions)), [f"{c} passages" for c in conditions])
+    ax.set_ylabel("exact match")
+    ax.set_ylim(0, 1.1)
+    ax.set_title(f"Exact match on {report['questions']} test questions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_losses(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    offset = 0
+    for stage, points in report["training_loss"]["neuro-rit"].items():
+        if points:
+            ax.plot([offset + s for s, _ in points], [v for _, v in points], marker="o", label=f"Neuro-RIT {stage}")
+            offset += points[-1][0]
+    for stage, points in report["training_loss"]["baseline"].items():
+        if points:
+            ax.plot([s for s, _ in points], [v for _, v in points], linestyle="--", label=f"baseline ({stage})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (mean per target token)")
+    ax.set_title("Training loss per stage")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out: Path) -> list[Path]:
+    """Write report.json, report.md, em.png and training_loss.png into ``out``; their paths."""
+    paths = [out / "report.json", out / "report.md", out / "em.png", out / "training_loss.png"]
+    write_text_atomic(paths[0], json.dumps(report, indent=1) + "\n")
+    write_text_atomic(paths[1], _markdown(report))
+    _plot_em(report, paths[2])
+    _plot_losses(report, paths[3])
+    return paths

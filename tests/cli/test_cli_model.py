@@ -1,0 +1,64 @@
+"""`fastrit prepare`, `fastrit eval` and `fastrit export` on the embedded default: the delta that prepare writes is
+what eval and export read, the export answers as the model it came from, and user errors are one line."""
+
+import json
+import re
+
+import pytest
+import transformers
+
+import fastrit
+from fastrit import demo
+from fastrit.cli import main
+from fastrit.cli._common import delta_path
+
+
+def test_prepare_eval_and_export_agree(tmp_path, capsys):
+    mined = tmp_path / "mined"
+    assert main(["mine", "--out", str(mined), "--max-examples", "8", "--steps", "2", "--no-progress"]) == 0
+    delta = tmp_path / "prepared.safetensors"
+    assert main(["prepare", "--neuron-sets", str(mined), "--train", "neurons", "--out", str(delta)]) == 0
+    assert "trainable" in capsys.readouterr().out and delta.is_file()
+    scores = tmp_path / "scores.json"
+    assert main(["eval", "--delta", str(delta), "--max-examples", "12", "--max-new-tokens", "4", "--no-progress",
+                 "--out", str(scores)]) == 0
+    written = json.loads(scores.read_text())
+    assert set(written["em"]) == {"relevant", "noisy"} and written["records"] == 12
+    # the same numbers from the library: the delta loaded onto the shipped reader
+    model, tokenizer = demo.load_model()
+    fastrit.load_delta(model, delta)
+    test = fastrit.data.RagData(demo.load_data("test").records.select(range(12)))
+    assert fastrit.evaluate(model, tokenizer, test, max_new_tokens=4) == written["em"]
+    export = tmp_path / "export"
+    assert main(["export", "--delta", str(delta), "--out", str(export)]) == 0
+    plain = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    assert fastrit.evaluate(plain, transformers.AutoTokenizer.from_pretrained(export), test,
+                            max_new_tokens=4) == written["em"]
+
+
+def test_a_tune_folder_names_its_last_finished_stage(tmp_path):
+    for stage in ("1-denoise", "2-distill", "10-extra"):
+        (tmp_path / stage).mkdir()
+    (tmp_path / "1-denoise" / "delta.safetensors").write_bytes(b"")
+    (tmp_path / "2-distill" / "delta.safetensors").write_bytes(b"")
+    assert delta_path(str(tmp_path)) == tmp_path / "2-distill" / "delta.safetensors"
+    with pytest.raises(FileNotFoundError, match="^--delta"):
+        delta_path(str(tmp_path / "1-denoise" / "missing"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--conditions", "relevant,muddy"], "--conditions"),
+    (["eval", "--delta", "{tmp}/missing"], "--delta: no such file"),
+    (["eval", "--delta", "{tmp}"], "--delta: .* no finished"),
+    (["eval", "--out", "{tmp}/no/such/scores.json"], "--out: no such folder"),
+    (["prepare"], "--train-layers"),
+    (["prepare", "--train-layers", "1", "--out", "{tmp}/no/such/delta.safetensors"], "--out: no such folder"),
+    (["export", "--delta", "{tmp}/a-file", "--out", "{tmp}"], "--out: .* not an empty folder"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
+    (tmp_path / "a-file").write_text("")
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastrit {argv[0]}: error:"), err
+    assert re.search(message, err[0]), err
