@@ -76,4 +76,17 @@ def test_the_demo_pipeline_writes_its_report_and_an_export_that_answers_alike(tm
     assert (out / "export" / "config.json").is_file()
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["export"]  # no working folder left behind
     assert main(argv) == 1  # the folder is not empty now: refused, nothing overwritten
-    assert "out_dir" in capsys.readouterr().err
+    assert "fastrit demo: error: --out:" in capsys.readouterr().err
+
+
+def test_a_demo_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
+    from fastrit.demo import pipeline
+
+    def failing_mine(*args, **kwargs):
+        raise RuntimeError("mining failed")
+
+    monkeypatch.setattr(pipeline, "mine", failing_mine)
+    settings = pipeline.DemoSettings(test_records=8, max_new_tokens=4)
+    with pytest.raises(RuntimeError, match="mining failed"):
+        pipeline.run_demo(tmp_path / "demo", settings, progress=False, say=lambda text: None)
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ._common import HelpFormatter
 
@@ -46,6 +47,9 @@ def run_demo(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
     if args.test_records is not None and args.test_records < 1:
         raise ValueError(f"--test-records: expected a positive number, got {args.test_records}")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out: {args.out!r} exists and is not an empty folder (make demo replaces demo-output)")
     settings = DemoSettings(mine_records=args.mine_records, mine_steps=args.mine_steps,
                             train_records=args.train_records, steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.lr, test_records=args.test_records,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,14 +188,32 @@ def _check_export(model, tokenizer, folder: Path, test: rag.RagData, settings: D
 def run_demo(out_dir: str | os.PathLike = "demo-output", settings: DemoSettings | None = None, *,
              progress: bool = True, say=print) -> dict:
     """Run the demo (module docstring) and write its report to ``out_dir`` (see fastrit.demo.report); returns the
-    report as a dict (also ``out_dir/report.json``). ``out_dir`` must be new or empty."""
+    report as a dict (also ``out_dir/report.json``). ``out_dir`` must be new or empty; it appears only when the
+    demo has finished (an error leaves nothing behind)."""
+    settings = settings or DemoSettings()
+    final = Path(out_dir)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise ValueError(f"out_dir: {str(final)!r} exists and is not an empty folder")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # everything is written here first and renamed to out_dir at the end: an error leaves nothing half-written
+        out = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as error:
+        raise OSError(f"out_dir: cannot write in {str(final.parent)!r}: {error.strerror or error}") from error
+    try:
+        report = _run(out, settings, progress, say)
+        if final.exists():
+            final.rmdir()  # empty, checked above
+        out.rename(final)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    return report
+
+
+def _run(out: Path, settings: DemoSettings, progress: bool, say) -> dict:
     from .report import write_report
 
-    settings = settings or DemoSettings()
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"out_dir: {str(out)!r} exists and is not an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(settings.seed)
     meter = _Meter()
     model, tokenizer = load_model()
