@@ -37,7 +37,7 @@ import transformers
 
 from .. import data as rag
 from ..data import ANSWER_MARKER
-from ..evaluate import evaluate
+from ..evaluate import evaluate, greedy_continuations
 from ..mining import mine
 from ..tuning import export, prepare, trainable_summary
 from . import load_data, load_model
@@ -162,15 +162,13 @@ def _check_export(model, tokenizer, folder: Path, test: rag.RagData, settings: D
     export in a fresh process without fastrit; how many are the same, token for token."""
     built = rag.prompts(rag.RagData(test.records.select(range(min(settings.export_questions, len(test))))),
                         tokenizer, condition="noisy", k=5, seed=settings.seed)
-    ours = []
     model.eval()
-    for ids in built.prompt_ids:
+    ours = []
+    for row in range(len(built)):  # one prompt at a time, no padding: as the check below runs the export
         with torch.inference_mode():
-            out = model.generate(input_ids=torch.tensor([ids]),
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        ours.append(out[0, len(ids):].tolist())
+            new = greedy_continuations(model, built.tensors([row]), settings.max_new_tokens, built.pad_token_id,
+                                       tokenizer.eos_token_id)
+        ours.append(new[0].tolist())
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", _EXPORT_CHECK, str(folder), str(settings.max_new_tokens)],
                           input=json.dumps(built.texts), capture_output=True, text=True, env=env,

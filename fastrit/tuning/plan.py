@@ -44,7 +44,7 @@ import transformers
 from torch import nn
 
 from .loss import CHUNK_LOGITS
-from .prepare import QUANTIZE_MODES, TRAIN_MODES, prepare
+from .prepare import QUANTIZE_MODES, TRAIN_MODES, checkpointed_layers, prepare
 
 __all__ = ["BUILT_IN_CONFIGS", "PERSISTENT_PARTS", "STEP_PARTS", "MemoryPlan", "plan_memory"]
 
@@ -218,7 +218,8 @@ def plan_memory(
     backward_layers = layers - min(train_layers)
     if gradient_checkpointing:
         saved = backward_layers * tokens * hidden * size + per_layer
-        if train == "neurons":  # the lowest target layer runs without a checkpoint (prepare.checkpointed_layers):
+        lowest = min(train_layers)
+        if train == "neurons" and lowest not in checkpointed_layers(layers, train_layers, train):
             saved += tokens * size * 3 * neurons  # its chosen neurons' gate, up and activation, beside its MLP input
     else:
         saved = backward_layers * per_layer
