@@ -11,6 +11,7 @@ A model is described by an :class:`ArchSpec` (module paths, relative to ``model.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -107,6 +108,12 @@ class ModelArch:
     @property
     def max_positions(self) -> int | None:
         return max_positions(self.model.config)
+
+    def cache_kwargs(self, cache) -> dict:
+        """The keyword that passes a key/value ``cache`` to :attr:`base`: ``cache`` (transformers >= 5.24) or the
+        older ``past_key_values``, whichever its ``forward`` takes."""
+        params = inspect.signature(self.base.forward).parameters
+        return {"cache" if "cache" in params else "past_key_values": cache}
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits, float32, of final-normed hidden states ``[..., D] -> [..., V]``.

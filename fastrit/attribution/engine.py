@@ -132,7 +132,7 @@ class _CleanPass:
                 handle.remove()
         self.prefix_kv = None
         if p0 > 0:
-            cache = out.past_key_values
+            cache = out.cache if "cache" in out else out.past_key_values
             self.prefix_kv = [(lay.keys[:, :, :p0], lay.values[:, :, :p0]) for lay in cache.layers]
 
 

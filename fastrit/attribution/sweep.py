@@ -167,7 +167,7 @@ def run_tail(
             inputs_embeds=torch.zeros(layout.batch, layout.tokens, width, device=device, dtype=dtype),
             attention_mask=layout.attention_mask(first, dtype, device),
             position_ids=layout.position_ids(first, device),
-            past_key_values=cache,
+            **arch.cache_kwargs(cache),
             use_cache=cache is not None,
         )
     return layout.unpack(out.last_hidden_state)
