@@ -37,7 +37,7 @@ def test_reader_folder_is_small():
 
 def test_splits_are_fixed_and_disjoint():
     test = demo.load_data("test")
-    assert len(test) == demo.SPLIT_SIZES["test"] >= 200
+    assert len(test) == demo.SPLIT_SIZES["test"] >= 400
     assert test.records.to_list() == demo.load_data("test").records.to_list()
     questions = {split: set(demo.load_data(split).records["question"]) for split in ("dev", "test")}
     assert not questions["dev"] & questions["test"]  # a question names its (entity, attribute) pair

@@ -13,7 +13,7 @@ from .. import data
 __all__ = ["READER_DIR", "SPLIT_SIZES", "load_data", "load_model"]
 
 READER_DIR = Path(__file__).resolve().parent / "reader"
-SPLIT_SIZES = {"train": 4000, "dev": 300, "test": 300}
+SPLIT_SIZES = {"train": 4000, "dev": 300, "test": 500}
 DATA_SEED = 2026
 
 
