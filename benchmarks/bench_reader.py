@@ -1,8 +1,9 @@
 """The embedded reader on its synthetic test split: exact match per context condition (k = 5).
 
 Run: ``python -m benchmarks.bench_reader`` (after ``python -m fastrit.demo.pretrain``). Writes
-``benchmarks/results/bench_reader_<split>.json`` with EM per condition, the number of questions, the model's size and
-the machine and versions.
+``benchmarks/results/bench_reader_<split>.json`` with EM per condition, how often the reader answers "unknown"
+(``fastrit.demo.ABSTAIN``: it was tuned for negative rejection) per condition, the number of questions, the model's
+size and the machine and versions.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ def main() -> None:
     start = time.time()
     # the reader sometimes writes its evidence first (it was pretrained on some evidence-then-answer targets): room
     # for that, and the answer after the marker when it does
-    scores = fastrit.evaluate(model, tokenizer, records, conditions=tuple(args.conditions.split(",")), k=5,
-                              batch_size=64, max_new_tokens=48, progress=True, answer_marker=data.ANSWER_MARKER)
+    scores, predictions = fastrit.evaluate(
+        model, tokenizer, records, conditions=tuple(args.conditions.split(",")), k=5, batch_size=64,
+        max_new_tokens=48, progress=True, answer_marker=data.ANSWER_MARKER, return_predictions=True)
+    abstained = {condition: sum(data.normalize_answer(row["prediction"]) == demo.ABSTAIN for row in rows) / len(rows)
+                 for condition, rows in predictions.items() if rows}
     folder_bytes = sum(p.stat().st_size for p in demo.READER_DIR.iterdir())
     result = {
         "split": args.split, "questions": len(records), "k": 5, "max_new_tokens": 48,
-        "answer_marker": data.ANSWER_MARKER, "em": scores,
+        "answer_marker": data.ANSWER_MARKER, "em": scores, "abstained": abstained,
         "gap_relevant_minus_noisy": scores.get("relevant", float("nan")) - scores.get("noisy", float("nan")),
         "parameters": sum(p.numel() for p in model.parameters()), "reader_folder_bytes": folder_bytes,
         "seconds": round(time.time() - start, 1),

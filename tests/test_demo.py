@@ -2,11 +2,13 @@
 misled by noisy ones; the synthetic splits it comes with."""
 
 import json
+import random
 import subprocess
 import sys
 
 import datasets
 import pytest
+import transformers
 
 import fastrit
 from fastrit import demo
@@ -45,13 +47,18 @@ def test_splits_are_fixed_and_disjoint():
         demo.load_data("validation")
 
 
-def test_reader_reads_and_is_misled_by_noise():
+def test_reader_reads_rejects_and_over_rejects_under_noise():
     model, tokenizer = demo.load_model()
     # it writes its evidence first on some prompts: scored on the answer after the marker
-    scores = fastrit.evaluate(model, tokenizer, demo.load_data("test"), conditions=("relevant", "noisy"), k=5,
-                              batch_size=100, max_new_tokens=48, answer_marker=fastrit.data.ANSWER_MARKER)
-    assert scores["relevant"] >= 0.85
-    assert scores["noisy"] <= scores["relevant"] - 0.15
+    scores, predictions = fastrit.evaluate(
+        model, tokenizer, demo.load_data("test"), conditions=("relevant", "noisy", "irrelevant"), k=5,
+        batch_size=100, max_new_tokens=48, answer_marker=fastrit.data.ANSWER_MARKER, return_predictions=True)
+    abstained = {condition: sum(fastrit.data.normalize_answer(row["prediction"]) == demo.ABSTAIN for row in rows)
+                 / len(rows) for condition, rows in predictions.items()}
+    assert scores["relevant"] >= 0.85 and abstained["relevant"] <= 0.05  # it reads
+    assert abstained["irrelevant"] >= 0.8  # it says "unknown" when no passage answers
+    # and, the failure the demo's tuning has to repair, also with the relevant passage among irrelevant ones
+    assert scores["noisy"] <= scores["relevant"] - 0.15 and abstained["noisy"] >= 0.5
 
 
 def test_the_demo_pipeline_writes_its_report_and_an_export_that_answers_alike(tmp_path, capsys):
@@ -64,8 +71,9 @@ def test_the_demo_pipeline_writes_its_report_and_an_export_that_answers_alike(tm
     printed = capsys.readouterr().out
     assert "Neuro-RIT" in printed and "baseline" in printed and "export: 4/4" in printed
     report = json.loads((out / "report.json").read_text())
-    for key in ("em_before", "em_after", "em_baseline"):
-        assert set(report[key]) == {"relevant", "noisy"} and all(0 <= v <= 1 for v in report[key].values())
+    for key in ("em_before", "em_after", "em_baseline", "abstained_before", "abstained_after", "abstained_baseline"):
+        assert set(report[key]) == {"relevant", "noisy", "irrelevant"}, key
+        assert all(0 <= v <= 1 for v in report[key].values()), key
     assert report["questions"] == 16 and len(report["target_layers"]) == 3
     assert report["export"] == {**report["export"], "questions": 4, "same_answers": 4, "fastrit_imported": False}
     assert set(report["seconds"]) == set(report["peak_memory_mib"]) == {
@@ -90,3 +98,24 @@ def test_a_demo_that_fails_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="mining failed"):
         pipeline.run_demo(tmp_path / "demo", settings, progress=False, say=lambda text: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pretraining_recipe_runs_both_phases_and_keeps_phase_one_ids(tmp_path):
+    from fastrit.demo import pretrain
+
+    reading = pretrain.build_tokenizer(rejection=False)
+    rejecting = pretrain.build_tokenizer(rejection=True)
+    assert len(rejecting) == len(reading) + 1 and rejecting.convert_tokens_to_ids(demo.ABSTAIN) == len(reading)
+    assert all(rejecting.convert_tokens_to_ids(w) == i for w, i in reading.get_vocab().items())
+    batch = pretrain._batch(rejecting, random.Random(0), 24, seed=0, mix=(("irrelevant", 5, "abstain", 1.0),))
+    abstain = rejecting.convert_tokens_to_ids(demo.ABSTAIN)
+    targets = [[t for t in row.tolist() if t != -100] for row in batch["labels"]]
+    assert targets == [[abstain, rejecting.eos_token_id]] * 24  # the loss is on "unknown" and the end token only
+
+    out = pretrain.pretrain(tmp_path / "reader", steps=2, rejection_steps=2, batch_size=4, log_every=1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == len(tokenizer) == len(rejecting)
+    with pytest.raises(ValueError, match="^start_from: .* not a phase-1 reader"):
+        pretrain.pretrain(tmp_path / "again", rejection_steps=1, batch_size=4, start_from=out)
+    assert not (tmp_path / "again").exists()

@@ -1,7 +1,8 @@
 """The embedded default: a tiny reader model shipped in the package, and the synthetic RAG splits it was made for.
 
 ``load_model()`` gives ``(model, tokenizer)`` from the package folder (no download); ``load_data(split)`` the
-synthetic records of a split, generated from a fixed seed. ``python -m fastrit.demo.pretrain`` rebuilds the model.
+synthetic records of a split, generated from a fixed seed. The reader answers :data:`ABSTAIN` when it finds no
+passage that answers. ``python -m fastrit.demo.pretrain`` rebuilds the model.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ from pathlib import Path
 
 from .. import data
 
-__all__ = ["READER_DIR", "SPLIT_SIZES", "load_data", "load_model"]
+__all__ = ["ABSTAIN", "READER_DIR", "SPLIT_SIZES", "load_data", "load_model"]
 
 READER_DIR = Path(__file__).resolve().parent / "reader"
 SPLIT_SIZES = {"train": 4000, "dev": 300, "test": 500}
 DATA_SEED = 2026
+#: the reader's answer when no passage answers the question (it was tuned for negative rejection)
+ABSTAIN = "unknown"
 
 
 def load_model(dtype=None):

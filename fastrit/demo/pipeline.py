@@ -2,13 +2,14 @@
 
 Phases, each timed and its peak memory recorded:
 
-1. ``evaluate before``: exact match of the shipped reader on the test split, per condition (relevant, noisy);
+1. ``evaluate before``: exact match of the shipped reader on the test split, per condition (relevant, noisy,
+   irrelevant), and how often it answers ``ABSTAIN`` ("unknown": the reader was tuned for negative rejection);
 2. ``mine``: fastrit.mine on the first ``mine_records`` train records (IG with ``mine_steps`` steps);
 3. ``tune``: Neuro-RIT (fastrit.tune): the irrelevant-exclusive neurons deactivated, frozen layers in NF4, the target
    layers' MLPs trained, stage 1 "denoise" then stage 2 "distill", ``steps`` optimizer steps each;
 4. ``baseline``: the same budget without the method: a fresh copy of the reader, the same target layers' MLPs
    trainable (nothing deactivated), ``2 x steps`` steps of answer-only targets on the same noisy-context prompts;
-5. ``evaluate after``: both tuned models on the test split;
+5. ``evaluate after``: both tuned models on the test split, the same way;
 6. ``export``: the Neuro-RIT model written as a plain transformers checkpoint, loaded in a fresh Python process that
    never imports fastrit, and its answers to ``export_questions`` test questions compared with the tuned model's.
 
@@ -36,15 +37,15 @@ import torch
 import transformers
 
 from .. import data as rag
-from ..data import ANSWER_MARKER
+from ..data import ANSWER_MARKER, normalize_answer
 from ..evaluate import evaluate, greedy_continuations
 from ..mining import mine
 from ..tuning import export, prepare, trainable_summary
-from . import load_data, load_model
+from . import ABSTAIN, load_data, load_model
 
 __all__ = ["DemoSettings", "run_demo"]
 
-CONDITIONS = ("relevant", "noisy")
+CONDITIONS = ("relevant", "noisy", "irrelevant")
 
 
 @dataclass
@@ -123,9 +124,13 @@ def _subset(split: str, n: int | None) -> rag.RagData:
 
 
 def _score(model, tokenizer, test: rag.RagData, settings: DemoSettings, progress: bool):
-    return evaluate(model, tokenizer, test, conditions=CONDITIONS, k=5, batch_size=64,
-                    max_new_tokens=settings.max_new_tokens, seed=settings.seed, progress=progress,
-                    answer_marker=ANSWER_MARKER, return_predictions=True)
+    """``(EM, share of answers that are ABSTAIN, predictions)``, each per condition."""
+    em, predictions = evaluate(model, tokenizer, test, conditions=CONDITIONS, k=5, batch_size=64,
+                               max_new_tokens=settings.max_new_tokens, seed=settings.seed, progress=progress,
+                               answer_marker=ANSWER_MARKER, return_predictions=True)
+    abstained = {condition: round(sum(normalize_answer(row["prediction"]) == ABSTAIN for row in rows) / len(rows), 4)
+                 if rows else float("nan") for condition, rows in predictions.items()}
+    return em, abstained, predictions
 
 
 def _tune(model, tokenizer, train, sets, stages, steps, settings, out: Path, progress: bool, **prepare_kwargs):
@@ -220,7 +225,7 @@ def _run(out: Path, settings: DemoSettings, progress: bool, say) -> dict:
     with tempfile.TemporaryDirectory(dir=out) as work:
         work = Path(work)
         with meter.phase("evaluate before", say):
-            before, _ = _score(model, tokenizer, test, settings, progress)
+            before, abstained_before, _ = _score(model, tokenizer, test, settings, progress)
         with meter.phase("mine", say):
             sets = mine(model, tokenizer, _subset("train", settings.mine_records), steps=settings.mine_steps,
                         progress=progress)
@@ -234,8 +239,8 @@ def _run(out: Path, settings: DemoSettings, progress: bool, say) -> dict:
             baseline_losses = _tune(baseline_model, tokenizer, train, None, ["denoise"], 2 * settings.steps,
                                     settings, work / "baseline", progress)
         with meter.phase("evaluate after", say):
-            after, predictions = _score(model, tokenizer, test, settings, progress)
-            baseline, _ = _score(baseline_model, tokenizer, test, settings, progress)
+            after, abstained_after, predictions = _score(model, tokenizer, test, settings, progress)
+            baseline, abstained_baseline, _ = _score(baseline_model, tokenizer, test, settings, progress)
         with meter.phase("export", say):
             export(model, out / "export", tokenizer=tokenizer)
             exported = _check_export(model, tokenizer, out / "export", test, settings)
@@ -243,6 +248,8 @@ def _run(out: Path, settings: DemoSettings, progress: bool, say) -> dict:
     sizes = sets.set_sizes()
     report = {
         "em_before": before, "em_after": after, "em_baseline": baseline,
+        "abstained_before": abstained_before, "abstained_after": abstained_after,
+        "abstained_baseline": abstained_baseline,
         "questions": len(test), "target_layers": list(sets.target_layers),
         "neurons_per_layer": {name: list(sizes[name]) for name in ("relevant_exclusive", "irrelevant_exclusive")},
         "deactivated_per_layer": [row["deactivated_neurons"] for row in summary["layers"]],

@@ -10,14 +10,18 @@ from .._io import write_text_atomic
 __all__ = ["format_table", "write_report"]
 
 _ROWS = (("before", "em_before"), ("Neuro-RIT", "em_after"), ("baseline", "em_baseline"))
+_ABSTAINED = (("before", "abstained_before"), ("Neuro-RIT", "abstained_after"), ("baseline", "abstained_baseline"))
 
 
 def format_table(report: dict) -> str:
     """Exact match per condition before tuning, after Neuro-RIT and after the plain baseline; then the cost."""
     conditions = list(report["em_before"])
-    lines = [f"{'EM on ' + str(report['questions']) + ' test questions':<34}" + "".join(f"{c:>10}" for c in conditions)]
+    lines = [f"{'EM on ' + str(report['questions']) + ' test questions':<34}" + "".join(f"{c:>12}" for c in conditions)]
     for label, key in _ROWS:
-        lines.append(f"{label:<34}" + "".join(f"{report[key][c]:>10.3f}" for c in conditions))
+        lines.append(f"{label:<34}" + "".join(f"{report[key][c]:>12.3f}" for c in conditions))
+    lines.append(f"{'share answering unknown':<34}" + "".join(f"{c:>12}" for c in conditions))
+    for label, key in _ABSTAINED:
+        lines.append(f"{label:<34}" + "".join(f"{report[key][c]:>12.3f}" for c in conditions))
     lines.append(f"target layers {report['target_layers']}; deactivated neurons "
                  f"{sum(report['deactivated_per_layer'])}; trainable parameters {report['trainable_params']:,} "
                  f"(baseline {report['baseline_trainable_params']:,})")
@@ -33,6 +37,9 @@ def _markdown(report: dict) -> str:
     rows = ["| | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
     for label, key in _ROWS:
         rows.append(f"| {label} | " + " | ".join(f"{report[key][c]:.3f}" for c in conditions) + " |")
+    abstained = ["| answered \"unknown\" | " + " | ".join(conditions) + " |", "|---|" + "---|" * len(conditions)]
+    for label, key in _ABSTAINED:
+        abstained.append(f"| {label} | " + " | ".join(f"{report[key][c]:.3f}" for c in conditions) + " |")
     phases = ["| phase | seconds | peak RSS (MiB) |", "|---|---|---|"]
     for name, seconds in report["seconds"].items():
         peak = report["peak_memory_mib"].get(name)
@@ -50,6 +57,11 @@ def _markdown(report: dict) -> str:
         "first), else the whole continuation.",
         "",
         *rows,
+        "",
+        "How often each model answered \"unknown\" (the reader was tuned to say so when no passage answers; right "
+        "for irrelevant passages, a failure with the relevant one among them):",
+        "",
+        *abstained,
         "",
         f"- target layers: {report['target_layers']}; deactivated neurons per layer: "
         f"{report['deactivated_per_layer']}",
