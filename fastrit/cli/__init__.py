@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from . import attribute, bench, demo, evaluate, mine, prepare, tune
 from ._common import HelpFormatter
@@ -42,6 +43,29 @@ def _version() -> str:
     return f"fastrit {__version__}"
 
 
+@contextmanager
+def _progress_bars_of_libraries(enabled: bool) -> Iterator[None]:
+    """🤗 datasets' and transformers' own progress bars (building a dataset, loading weights) off when ``enabled`` is
+    False, as fastrit's are with ``--no-progress``; their previous state restored afterwards."""
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    if enabled:
+        yield
+        return
+    datasets_were_on = not datasets.are_progress_bars_disabled()
+    transformers_were_on = transformers_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if datasets_were_on:
+            datasets.enable_progress_bars()
+        if transformers_were_on:
+            transformers_logging.enable_progress_bar()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
@@ -49,8 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet = getattr(args, "no_progress", False)
     try:
-        args.run(args)
+        with _progress_bars_of_libraries(enabled=not quiet):
+            args.run(args)
     except KeyboardInterrupt:
         print(f"fastrit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -50,11 +50,19 @@ def run_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out: {args.out!r} exists and is not an empty folder (make demo replaces demo-output)")
+    existing = next(folder for folder in out.absolute().parents if folder.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out: {str(existing)!r} is a file, not a folder")
     settings = DemoSettings(mine_records=args.mine_records, mine_steps=args.mine_steps,
                             train_records=args.train_records, steps=args.steps, batch_size=args.batch_size,
                             learning_rate=args.lr, test_records=args.test_records,
                             export_questions=args.export_questions, seed=args.seed)
-    report = run_demo(args.out, settings, progress=not args.no_progress)
+    try:
+        report = run_demo(args.out, settings, progress=not args.no_progress)
+    except OSError as error:  # the folder cannot be made or written: name the option, not the function's argument
+        if str(error).startswith("out_dir:"):
+            raise OSError(f"--out:{str(error).removeprefix('out_dir:')}") from error
+        raise
     print(format_table(report))
     print(f"report: {args.out}/report.md, report.json, em.png, neurons_per_layer.png, activation_shares.png, "
           f"training_loss.png; the export: {args.out}/export")

@@ -62,3 +62,27 @@ def test_user_errors_are_one_line(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"fastrit {argv[0]}: error:"), err
     assert re.search(message, err[0]), err
+
+
+@pytest.mark.parametrize("command", ["mine", "eval", "tune", "attribute"])
+def test_a_malformed_data_file_is_one_line_and_leaves_no_output(tmp_path, capsys, command):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answers": ["a"], "ctxs": []}\n{"question": "q2", "answers": [\n')
+    out = tmp_path / "out"
+    argv = [command, "--data", str(bad), "--out", str(out / "scores.json" if command == "eval" else out)]
+    argv += ["--no-progress", *(["--train-layers", "1", "--max-steps", "1"] if command == "tune" else [])]
+    if command == "eval":
+        out.mkdir()
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fastrit {command}: error:"), err
+    assert "bad.jsonl: line 2" in err[0] and "invalid JSON" in err[0], err
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_demo_out_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "a-file" / "demo"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastrit demo: error:") and "--out" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
