@@ -36,12 +36,10 @@ def main() -> None:
     scores, predictions = fastrit.evaluate(
         model, tokenizer, records, conditions=tuple(args.conditions.split(",")), k=5, batch_size=64,
         max_new_tokens=48, progress=True, answer_marker=data.ANSWER_MARKER, return_predictions=True)
-    abstained = {condition: sum(data.normalize_answer(row["prediction"]) == demo.ABSTAIN for row in rows) / len(rows)
-                 for condition, rows in predictions.items() if rows}
     folder_bytes = sum(p.stat().st_size for p in demo.READER_DIR.iterdir())
     result = {
         "split": args.split, "questions": len(records), "k": 5, "max_new_tokens": 48,
-        "answer_marker": data.ANSWER_MARKER, "em": scores, "abstained": abstained,
+        "answer_marker": data.ANSWER_MARKER, "em": scores, "abstained": demo.abstained(predictions),
         "gap_relevant_minus_noisy": scores.get("relevant", float("nan")) - scores.get("noisy", float("nan")),
         "parameters": sum(p.numel() for p in model.parameters()), "reader_folder_bytes": folder_bytes,
         "seconds": round(time.time() - start, 1),

@@ -53,8 +53,7 @@ def test_reader_reads_rejects_and_over_rejects_under_noise():
     scores, predictions = fastrit.evaluate(
         model, tokenizer, demo.load_data("test"), conditions=("relevant", "noisy", "irrelevant"), k=5,
         batch_size=100, max_new_tokens=48, answer_marker=fastrit.data.ANSWER_MARKER, return_predictions=True)
-    abstained = {condition: sum(fastrit.data.normalize_answer(row["prediction"]) == demo.ABSTAIN for row in rows)
-                 / len(rows) for condition, rows in predictions.items()}
+    abstained = demo.abstained(predictions)
     assert scores["relevant"] >= 0.85 and abstained["relevant"] <= 0.05  # it reads
     assert abstained["irrelevant"] >= 0.8  # it says "unknown" when no passage answers
     # and, the failure the demo's tuning has to repair, also with the relevant passage among irrelevant ones
@@ -119,3 +118,9 @@ def test_pretraining_recipe_runs_both_phases_and_keeps_phase_one_ids(tmp_path):
     with pytest.raises(ValueError, match="^start_from: .* not a phase-1 reader"):
         pretrain.pretrain(tmp_path / "again", rejection_steps=1, batch_size=4, start_from=out)
     assert not (tmp_path / "again").exists()
+
+
+def test_abstained_is_the_share_of_unknown_answers():
+    rows = [{"prediction": p} for p in ("Unknown", "unknown .", "Vuloton", "unknown river")]
+    assert demo.abstained({"noisy": rows, "relevant": rows[2:3], "irrelevant": []}) == pytest.approx(
+        {"noisy": 0.5, "relevant": 0.0, "irrelevant": float("nan")}, nan_ok=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import data
 
-__all__ = ["ABSTAIN", "READER_DIR", "SPLIT_SIZES", "load_data", "load_model"]
+__all__ = ["ABSTAIN", "READER_DIR", "SPLIT_SIZES", "abstained", "load_data", "load_model"]
 
 READER_DIR = Path(__file__).resolve().parent / "reader"
 SPLIT_SIZES = {"train": 4000, "dev": 300, "test": 500}
@@ -35,3 +35,10 @@ def load_data(split: str = "test") -> data.RagData:
     if split not in SPLIT_SIZES:
         raise ValueError(f"split: expected one of {tuple(SPLIT_SIZES)}, got {split!r}")
     return data.synthetic(SPLIT_SIZES[split], split=split, seed=DATA_SEED, k=5)
+
+
+def abstained(predictions: dict[str, list[dict]]) -> dict[str, float]:
+    """Per condition, the share of the answers in ``predictions`` (``fastrit.evaluate(...,
+    return_predictions=True)[1]``) that are :data:`ABSTAIN` after SQuAD normalisation; NaN for an empty condition."""
+    return {condition: sum(data.normalize_answer(row["prediction"]) == ABSTAIN for row in rows) / len(rows)
+            if rows else float("nan") for condition, rows in predictions.items()}

@@ -37,11 +37,11 @@ import torch
 import transformers
 
 from .. import data as rag
-from ..data import ANSWER_MARKER, normalize_answer
+from ..data import ANSWER_MARKER
 from ..evaluate import evaluate, greedy_continuations
 from ..mining import mine
 from ..tuning import export, prepare, trainable_summary
-from . import ABSTAIN, load_data, load_model
+from . import abstained, load_data, load_model
 
 __all__ = ["DemoSettings", "run_demo"]
 
@@ -124,13 +124,11 @@ def _subset(split: str, n: int | None) -> rag.RagData:
 
 
 def _score(model, tokenizer, test: rag.RagData, settings: DemoSettings, progress: bool):
-    """``(EM, share of answers that are ABSTAIN, predictions)``, each per condition."""
+    """``(EM, share of answers that are ABSTAIN (fastrit.demo.abstained), predictions)``, each per condition."""
     em, predictions = evaluate(model, tokenizer, test, conditions=CONDITIONS, k=5, batch_size=64,
                                max_new_tokens=settings.max_new_tokens, seed=settings.seed, progress=progress,
                                answer_marker=ANSWER_MARKER, return_predictions=True)
-    abstained = {condition: round(sum(normalize_answer(row["prediction"]) == ABSTAIN for row in rows) / len(rows), 4)
-                 if rows else float("nan") for condition, rows in predictions.items()}
-    return em, abstained, predictions
+    return em, abstained(predictions), predictions
 
 
 def _tune(model, tokenizer, train, sets, stages, steps, settings, out: Path, progress: bool, **prepare_kwargs):

@@ -12,7 +12,7 @@ real RAG readers are: first to read, then instruction-tuned for negative rejecti
    passages are all irrelevant, with the target :data:`ABSTAIN` ("unknown"), a word appended to the vocabulary.
    A reader taught to reject learns a shortcut from it: many irrelevant passages mean "unknown", even with the
    relevant one among them. That over-rejection under noise, a failure of real RAG readers too, is what the demo's
-   Neuro-RIT tuning has to repair (docs/tuning.md).
+   Neuro-RIT tuning has to repair (docs/demo.md).
 
 Loss on the target and the end token only. Writes the model and tokenizer (safetensors) to ``--out`` (default: the
 package's reader/). ``--start-from DIR`` skips phase 1 and runs phase 2 on the phase-1 reader in DIR.
@@ -85,7 +85,11 @@ def _batch(tokenizer, rng: random.Random, size: int, seed: int, mix=MIX) -> dict
         one = data.RagData(records.records.select([index]))
         built = data.prompts(one, tokenizer, condition=condition, k=k, seed=seed * 7919 + index)
         prompt, answer = built.prompt_ids[0], built.target_ids[0]
-        text = {"evidence": data.evidence_target(one.records[0]), "abstain": ABSTAIN}.get(target)
+        text = None  # target "answer": the answer tokens of the prompt
+        if target == "evidence":
+            text = data.evidence_target(one.records[0])  # None without an evidence sentence: the answer, then
+        elif target == "abstain":
+            text = ABSTAIN
         if text is not None:
             prompt, answer = data.encode_pair(tokenizer, built.texts[0], text)
         answer = answer + [tokenizer.eos_token_id]
