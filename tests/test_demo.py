@@ -60,11 +60,12 @@ def test_reader_reads_rejects_and_over_rejects_under_noise():
     assert scores["noisy"] <= scores["relevant"] - 0.15 and abstained["noisy"] >= 0.5
 
 
-def test_the_demo_pipeline_writes_its_report_and_an_export_that_answers_alike(tmp_path, capsys):
+def test_the_demo_pipeline_writes_its_report_and_an_export_that_answers_alike(tmp_path, monkeypatch, capsys):
     from fastrit.cli import main
 
+    monkeypatch.chdir(tmp_path)  # a relative --out, as `make demo` gives
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--steps", "2", "--batch-size", "4", "--mine-records", "8", "--mine-steps",
+    argv = ["demo", "--out", "demo", "--steps", "2", "--batch-size", "4", "--mine-records", "8", "--mine-steps",
             "2", "--train-records", "48", "--test-records", "16", "--export-questions", "4", "--no-progress"]
     assert main(argv) == 0
     printed = capsys.readouterr().out

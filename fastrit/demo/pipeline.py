@@ -173,7 +173,8 @@ def _check_export(model, tokenizer, folder: Path, test: rag.RagData, settings: D
                                        tokenizer.eos_token_id)
         ours.append(new[0].tolist())
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    done = subprocess.run([sys.executable, "-c", _EXPORT_CHECK, str(folder), str(settings.max_new_tokens)],
+    # an absolute path: the check runs in another working directory, and a relative one would read as a Hub id
+    done = subprocess.run([sys.executable, "-c", _EXPORT_CHECK, str(folder.resolve()), str(settings.max_new_tokens)],
                           input=json.dumps(built.texts), capture_output=True, text=True, env=env,
                           cwd=tempfile.gettempdir())
     if done.returncode:
