@@ -109,6 +109,9 @@ setup(
             "pytest>=8",
             "pytest-timeout>=2.3",
             "captum>=0.7",
+            # the oracle of fastrit.compat.KnowledgeNeurons (its released 0.0.2, with its dependency einops)
+            "knowledge-neurons==0.0.2",
+            "einops>=0.6",
             "ruff>=0.5",
         ],
     },

@@ -25,22 +25,49 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where the neuron sites of a decoder-only model are.
+    """Where the neuron sites of a model are.
+
+    The defaults describe a decoder-only causal LM attributed at the neuron site; the last four fields exist
+    for other sites and for encoders (:mod:`fastrit.compat` reproduces the knowledge-neurons package with them).
 
     Attributes:
         layers: dotted path from ``model.base_model`` to the ``nn.ModuleList`` of decoder layers.
         mlp_out: dotted path inside one decoder layer to the MLP output projection (a linear map).
-        final_norm: dotted path from ``model.base_model`` to the norm applied after the last layer.
+        final_norm: dotted path from ``model.base_model`` to the norm applied after the last layer;
+            ``""`` for models that have none (BERT), allowed only with ``additive_mlp=False``.
         additive_mlp: True when a layer's output is (terms that do not depend on the MLP output)
             plus the output projection's result, with nothing applied after it (pre-norm residual
             and parallel-residual blocks). False where the MLP output passes through a nonlinear
-            map first (Gemma2/3's post-feed-forward norm); attribution then re-runs the whole layer.
+            map first (Gemma2/3's post-feed-forward norm, BERT's post-norm); attribution then re-runs
+            the whole layer.
+        site: ``""`` (the neuron site: the input of ``mlp_out``), or a dotted path inside one layer to a
+            module whose *output* is attributed instead (GPT-2's ``mlp.c_fc``, before the activation).
+            Such a site is not followed linearly by ``mlp_out``, so attribution re-runs the layer.
+        head: ``""`` (``model.get_output_embeddings()``), or a dotted path from the model to the module
+            that maps final hidden states to vocabulary logits (BERT's masked-LM head ``cls``).
+        bidirectional: an encoder: scaling the site at one position changes every position above the
+            layer, so attribution recomputes the whole sequence there (no key/value prefix).
+        pack_rows: whether attribution may pack several IG rows into one sequence as extra tokens. False
+            where attention derives its mask from token indices rather than the mask it is given
+            (GPT-Neo's local attention).
+        layer_returns_tuple: whether a decoder layer returns a tuple whose first item is the hidden states
+            (GPT-Neo) rather than the hidden states themselves.
     """
 
     layers: str
     mlp_out: str
     final_norm: str
     additive_mlp: bool = True
+    site: str = ""
+    head: str = ""
+    bidirectional: bool = False
+    pack_rows: bool = True
+    layer_returns_tuple: bool = False
+
+    @property
+    def attributes_linearly(self) -> bool:
+        """Whether IG rows may enter above the layer (the site feeds a linear ``mlp_out`` added to the residual)."""
+        return self.additive_mlp and not self.site and not self.bidirectional
 
 
 _GATED = ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm")
@@ -80,22 +107,24 @@ class ModelArch:
     """The live modules of one model that attribution needs.
 
     Attributes:
-        model: the causal LM (``...ForCausalLM``).
-        base: ``model.base_model``, the decoder stack that returns hidden states.
+        model: the LM (``...ForCausalLM``, or a masked LM with a spec that says where its head is).
+        base: ``model.base_model``, the layer stack that returns hidden states.
         layers: the decoder layers, in order.
         mlp_out: the MLP output projection of every layer (``mlp_out[l]`` belongs to ``layers[l]``).
-        final_norm: the norm after the last layer.
-        lm_head: the output embedding, hidden -> vocabulary logits.
+        final_norm: the norm after the last layer (None for models without one).
+        lm_head: the output head, final hidden states -> vocabulary logits.
         spec: the spec these were found with.
+        site_out: with ``spec.site``, the module of every layer whose output is the attributed site; else None.
     """
 
     model: nn.Module
     base: nn.Module
     layers: nn.ModuleList
     mlp_out: list[nn.Module]
-    final_norm: nn.Module
+    final_norm: nn.Module | None
     lm_head: nn.Module
     spec: ArchSpec
+    site_out: list[nn.Module] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -103,6 +132,9 @@ class ModelArch:
 
     @property
     def intermediate_size(self) -> int:
+        """Neurons per layer: the width of the attributed site."""
+        if self.site_out is not None:
+            return linear_out_features(self.site_out[0])
         return linear_in_features(self.mlp_out[0])
 
     @property
@@ -187,17 +219,26 @@ def resolve_arch(model: nn.Module, spec: ArchSpec | None = None) -> ModelArch:
             supported families and shows how to pass a spec.
     """
     spec, base, layers = _find_layers(model, spec)
-    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if spec.head:
+        lm_head = _get_path(model, spec.head)
+    else:
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if lm_head is None:
-        raise _unsupported(model, "not a causal LM with a base model and an output head")
+        where = f" at model.{spec.head}" if spec.head else ""
+        raise _unsupported(model, f"not a causal LM with a base model and an output head{where}")
     mlp_out = [_get_path(layer, spec.mlp_out) for layer in layers]
     if any(m is None or linear_in_features(m) is None for m in mlp_out):
         raise _unsupported(model, f"no linear MLP output projection at <layer>.{spec.mlp_out}")
-    final_norm = _get_path(base, spec.final_norm)
-    if final_norm is None:
+    site_out = None
+    if spec.site:
+        site_out = [_get_path(layer, spec.site) for layer in layers]
+        if any(m is None or linear_out_features(m) is None for m in site_out):
+            raise _unsupported(model, f"no linear site module at <layer>.{spec.site}")
+    final_norm = _get_path(base, spec.final_norm) if spec.final_norm else None
+    if final_norm is None and (spec.final_norm or spec.attributes_linearly):
         raise _unsupported(model, f"no final norm at base_model.{spec.final_norm}")
     _check_differentiable(model)
-    return ModelArch(model, base, layers, mlp_out, final_norm, lm_head, spec)
+    return ModelArch(model, base, layers, mlp_out, final_norm, lm_head, spec, site_out)
 
 
 def _check_differentiable(model: nn.Module) -> None:
@@ -243,6 +284,14 @@ def linear_in_features(module: nn.Module) -> int | None:
     if isinstance(in_features, int) and (hasattr(module, "weight") or _is_nf4_linear(module)):
         return in_features
     return None
+
+
+def linear_out_features(module: nn.Module) -> int | None:
+    """Output width of a linear map (``nn.Linear``, GPT-2's ``Conv1D``), or None if not linear."""
+    if is_conv1d(module):
+        return int(module.nf)
+    out_features = getattr(module, "out_features", None)
+    return out_features if isinstance(out_features, int) else None
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

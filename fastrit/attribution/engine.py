@@ -13,8 +13,9 @@ For each example:
      ``l + 1`` with that, and the site gradient is ``W^T`` times the gradient of layer ``l``'s output:
      ``scores = a * ((sum_k w_k g_k) @ W)``, summed over positions, without ever forming the
      per-step ``[m, P, I]`` gradients.
-   - Other families (Gemma2/3): the rows start at layer ``l`` with the site replaced by
-     ``alpha * a`` and the gradient is taken at the site.
+   - Other families (Gemma2/3), other sites (:attr:`ArchSpec.site`) and encoders: the rows start at
+     layer ``l`` with the site replaced by ``alpha * a`` and the gradient is taken at the site.
+     In an encoder (:attr:`ArchSpec.bidirectional`) every position is recomputed from layer ``l`` up.
 3. Gradients are taken with respect to the injected tensor only; no parameter gradient is formed.
 """
 
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..arch import ArchSpec, ModelArch, linear_weight
 from .inputs import (
+    AttributionCall,
     ScoredExample,
     check_optional_count,
     check_sequence_fits,
@@ -40,7 +42,7 @@ from .inputs import (
 from .result import NeuronAttribution
 from .sweep import RowLayout, run_tail
 
-__all__ = ["attribute", "model_session"]
+__all__ = ["attribute", "attribute_call", "model_session"]
 
 # Saved activations per token and layer for the backward, in elements: a rough upper bound used to
 # size the default batch (attention ~6 D, MLP ~4 I, norms and residuals ~6 D).
@@ -96,8 +98,9 @@ class _CleanPass:
         handles = []
 
         def capture_site(layer: int):
-            def hook(module: nn.Module, args: tuple) -> None:
-                self.site[layer] = args[0][0, positions].detach()
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor | None = None) -> None:
+                site = args[0] if output is None else output
+                self.site[layer] = site[0, positions].detach()
 
             return hook
 
@@ -117,8 +120,11 @@ class _CleanPass:
 
         try:
             for layer in layers:
-                handles.append(arch.mlp_out[layer].register_forward_pre_hook(capture_site(layer)))
-                if arch.spec.additive_mlp:
+                if arch.site_out is None:
+                    handles.append(arch.mlp_out[layer].register_forward_pre_hook(capture_site(layer)))
+                else:
+                    handles.append(arch.site_out[layer].register_forward_hook(capture_site(layer)))
+                if arch.spec.attributes_linearly:
                     handles.append(arch.layers[layer].register_forward_hook(capture_output(layer)))
                 else:
                     handles.append(arch.layers[layer].register_forward_pre_hook(capture_input(layer), with_kwargs=True))
@@ -166,11 +172,12 @@ class _LayerTerms:
     ``alpha * a`` and scores come from the site gradients via :func:`fastrit.ops.ig_accumulate`.
     """
 
-    def __init__(self, arch: ModelArch, clean: _CleanPass, layer: int) -> None:
+    def __init__(self, arch: ModelArch, clean: _CleanPass, layer: int, backend: str) -> None:
         self.site = clean.site[layer].float()  # [P, I]
         self.entry_hidden = clean.entry_hidden[layer]  # [n, D]
+        self.backend = backend
         self.weight: torch.Tensor | None = None  # [D, I], additive-MLP families only
-        if arch.spec.additive_mlp:
+        if arch.spec.attributes_linearly:
             self.weight = linear_weight(arch.mlp_out[layer]).to(self.site.device)
             self.site_out = self.site @ self.weight.t()  # [P, D]: W a
             self.entry = layer + 1
@@ -182,18 +189,22 @@ class _LayerTerms:
     def scaled(self, alphas: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """The entry value of rows at ``alphas`` (float32): ``[c, n, D]`` hidden states, or ``[c, P, I]`` sites."""
         if self.weight is None:
-            return ops.ig_interpolate(torch.zeros_like(self.site), self.site, alphas)
+            return ops.ig_interpolate(torch.zeros_like(self.site), self.site, alphas, backend=self.backend)
         hidden = self.entry_hidden.float().expand(len(alphas), -1, -1).clone()
         clean_at_scaled = hidden[0, local]  # [P, D]
-        hidden[:, local] = ops.ig_interpolate(clean_at_scaled - self.site_out, self.site_out, alphas)
+        hidden[:, local] = ops.ig_interpolate(
+            clean_at_scaled - self.site_out, self.site_out, alphas, backend=self.backend
+        )
         return hidden
 
     def add(self, weights: torch.Tensor, grads: torch.Tensor) -> None:
         """Add rows' weighted gradients ``[c, P, D]`` (of the layer output) or ``[c, P, I]`` (of the site)."""
         if self.weight is None:
-            self.scores += ops.ig_accumulate(self.site, grads, weights).sum(dim=0)
+            self.scores += ops.ig_accumulate(self.site, grads, weights, backend=self.backend).sum(dim=0)
         else:
-            self.scores += ops.ig_accumulate_linear(self.site, grads, self.weight, weights).sum(dim=0)
+            self.scores += ops.ig_accumulate_linear(
+                self.site, grads, self.weight, weights, backend=self.backend
+            ).sum(dim=0)
 
 
 def _chunks(rows: list[_Row], size: int, mix_layers: bool) -> Iterator[list[_Row]]:
@@ -223,8 +234,10 @@ def _run_chunk(
     p0, n = example.first_position, example.length - example.first_position
     local = example.positions - p0  # scaled positions within the recomputed window
     device = local.device
-    additive = arch.spec.additive_mlp
-    layout = RowLayout.for_prefix(len(rows), n, p0)
+    additive = arch.spec.attributes_linearly
+    layout = RowLayout.for_prefix(
+        len(rows), n, p0, pack=arch.spec.pack_rows, causal=not arch.spec.bidirectional
+    )
     slots_of: dict[int, list[int]] = {}  # layer -> the chunk rows (slots) of that layer
     for slot, row in enumerate(rows):
         slots_of.setdefault(row.layer, []).append(slot)
@@ -243,7 +256,7 @@ def _run_chunk(
             else:
                 hidden = terms[layer].entry_hidden.expand(len(slots), -1, -1)
                 entries[terms[layer].entry] = (slots, hidden)
-                stack.enter_context(_site_replaced(arch.mlp_out[layer], leaf[slots], slots, layout, local))
+                stack.enter_context(_site_replaced(arch, layer, leaf[slots], slots, layout, local))
         final = run_tail(arch, layout, p0, clean.prefix_kv, entries)
         answer_local = example.answer_positions - p0
         values = objective_from_logits(arch.logits(final[:, answer_local]), example.answer, objective)
@@ -260,17 +273,20 @@ def _run_chunk(
 
 @contextmanager
 def _site_replaced(
-    module: nn.Module, value: torch.Tensor, slots: torch.Tensor, layout: RowLayout, local: torch.Tensor
+    arch: ModelArch, layer: int, value: torch.Tensor, slots: torch.Tensor, layout: RowLayout, local: torch.Tensor
 ) -> Iterator[None]:
-    """Within the block, ``module``'s input (the site, packed ``[batch, g*n, I]``) of the rows in
-    ``slots`` is ``value [k, P, I]`` at the positions ``local``."""
+    """Within the block, layer ``layer``'s site (packed ``[batch, g*n, I]``: the input of its ``mlp_out``, or
+    the output of its ``site_out``) of the rows in ``slots`` is ``value [k, P, I]`` at the positions ``local``."""
 
-    def hook(mod: nn.Module, args: tuple) -> tuple:
-        per_row = layout.unpack_all(args[0])
+    def replaced(site: torch.Tensor) -> torch.Tensor:
+        per_row = layout.unpack_all(site)
         chosen = per_row.index_select(0, slots).index_copy(1, local, value.to(per_row.dtype))
-        return (layout.pack(per_row.index_copy(0, slots, chosen)), *args[1:])
+        return layout.pack(per_row.index_copy(0, slots, chosen))
 
-    handle = module.register_forward_pre_hook(hook)
+    if arch.site_out is None:
+        handle = arch.mlp_out[layer].register_forward_pre_hook(lambda mod, args: (replaced(args[0]), *args[1:]))
+    else:
+        handle = arch.site_out[layer].register_forward_hook(lambda mod, args, output: replaced(output))
     try:
         yield
     finally:
@@ -286,10 +302,11 @@ def _example_scores(
     objective: str,
     batch_size: int | None,
     bar: tqdm,
+    backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``([len(layers), I] scores, [len(layers)] delta)`` of one example."""
     clean = _CleanPass(arch, example, layers, objective)
-    terms = {layer: _LayerTerms(arch, clean, layer) for layer in layers}
+    terms = {layer: _LayerTerms(arch, clean, layer, backend) for layer in layers}
     # per layer: the integration points, then the zero baseline for F(0); layers in entry order so
     # that a chunk spans few layers (a row is computed, and discarded, below its own entry layer)
     rows = [
@@ -326,6 +343,7 @@ def attribute(
     batch_size: int | None = None,
     progress: bool = False,
     spec: ArchSpec | None = None,
+    backend: str = "auto",
 ) -> NeuronAttribution:
     """Integrated Gradients of every MLP neuron of every chosen layer, zero baseline.
 
@@ -348,13 +366,26 @@ def attribute(
             default: as many as fit a 2 GiB activation budget, at most ``len(layers) * (steps + 1)``.
         progress: show a tqdm bar over examples x layers.
         spec: where the layers and MLP output projections are, for a family fastrit does not know.
+        backend: the kernels of the IG interpolation and accumulation (:func:`fastrit.backends`):
+            ``"auto"``, ``"torch"``, ``"triton"``, ``"cpp"`` or ``"cuda"``.
 
     Returns:
         :class:`NeuronAttribution` with ``scores [B, len(layers), I]`` and ``delta [B, len(layers)]``
         (float32, on the CPU).
     """
     call = prepare_call(model, input_ids, attention_mask, target_ids, objective, positions, steps, method, layers, spec)
+    return attribute_call(call, batch_size=batch_size, progress=progress, backend=backend)
+
+
+def attribute_call(
+    call: AttributionCall, *, batch_size: int | None = None, progress: bool = False, backend: str = "auto"
+) -> NeuronAttribution:
+    """:func:`attribute` of a checked call (:func:`.inputs.prepare_call`, or one built by a drop-in such as
+    :mod:`fastrit.compat` with its own examples and integration rule)."""
     check_optional_count("batch_size", batch_size)
+    if backend not in ("auto", *ops.BACKENDS):
+        raise ValueError(f"backend: expected one of auto, {', '.join(ops.BACKENDS)}, got {backend!r}")
+    model, objective = call.arch.model, call.settings["objective"]
     for example in call.examples:
         check_sequence_fits(model, example.length)
 
@@ -365,7 +396,7 @@ def attribute(
         with model_session(model):
             for b, example in enumerate(call.examples):
                 scores[b], delta[b] = _example_scores(
-                    call.arch, example, call.layers, call.alphas, call.weights, objective, batch_size, bar
+                    call.arch, example, call.layers, call.alphas, call.weights, objective, batch_size, bar, backend
                 )
     finally:
         bar.close()

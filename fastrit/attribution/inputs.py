@@ -42,12 +42,18 @@ class ScoredExample:
         prompt_len: number of real prompt tokens ``Tp`` (>= 1).
         answer: ``[K]`` int64 answer tokens (K >= 1).
         positions: ``[P]`` int64, sorted positions whose site is scaled.
+        readout: ``[K]`` positions whose logits score the K answer tokens; None = teacher forcing (the
+            positions ``prompt_len - 1 ...`` that predict them). A masked LM reads them at its mask positions.
+        bidirectional: the model is an encoder: scaling any position changes every position, so all are
+            recomputed (``first_position`` is 0).
     """
 
     ids: torch.Tensor
     prompt_len: int
     answer: torch.Tensor
     positions: torch.Tensor
+    readout: torch.Tensor | None = None
+    bidirectional: bool = False
 
     @property
     def length(self) -> int:
@@ -55,12 +61,14 @@ class ScoredExample:
 
     @property
     def first_position(self) -> int:
-        """The first scaled position: nothing before it changes when the site is scaled."""
-        return int(self.positions[0])
+        """The first recomputed position: nothing before it changes when the site is scaled."""
+        return 0 if self.bidirectional else int(self.positions[0])
 
     @property
     def answer_positions(self) -> torch.Tensor:
-        """``[K]`` positions whose next-token prediction is an answer token."""
+        """``[K]`` positions whose logits score the answer tokens."""
+        if self.readout is not None:
+            return self.readout
         return torch.arange(self.prompt_len - 1, self.length, device=self.ids.device)
 
 

@@ -30,10 +30,15 @@ __all__ = ["RowLayout", "run_tail", "layers_bypassed"]
 
 
 class _PassThrough(nn.Module):
-    """Stands in for a decoder layer below the entry layer: returns its hidden states untouched."""
+    """Stands in for a decoder layer below the entry layer: returns its hidden states untouched (as the first item
+    of a tuple where the real layers return tuples)."""
 
-    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        return hidden_states
+    def __init__(self, as_tuple: bool) -> None:
+        super().__init__()
+        self.as_tuple = as_tuple
+
+    def forward(self, hidden_states: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor | tuple:
+        return (hidden_states, None) if self.as_tuple else hidden_states
 
 
 def _replace_rows_of_input(layout: RowLayout, slots: torch.Tensor, hidden: torch.Tensor) -> Callable:
@@ -56,7 +61,7 @@ def layers_bypassed(arch: ModelArch, below: int) -> Iterator[None]:
     originals = [arch.layers[i] for i in range(below)]
     try:
         for i in range(below):
-            arch.layers[i] = _PassThrough()
+            arch.layers[i] = _PassThrough(arch.spec.layer_returns_tuple)
         yield
     finally:
         for i, module in enumerate(originals):
@@ -73,13 +78,16 @@ class RowLayout:
     rows: int
     n: int
     group: int
+    causal: bool = True
 
     @classmethod
-    def for_prefix(cls, rows: int, n: int, prefix: int) -> RowLayout:
+    def for_prefix(cls, rows: int, n: int, prefix: int, *, pack: bool = True, causal: bool = True) -> RowLayout:
+        """The layout for rows after a cached ``prefix``; ``pack=False`` gives one row per sequence;
+        ``causal=False`` lets each token of a row see all of that row (an encoder)."""
         # Packing g rows makes each query see prefix + g*n keys; keep g*n <= prefix so that
         # attention costs at most twice the unpacked cost while the prefix is stored once per g rows.
-        group = max(1, min(rows, prefix // n)) if prefix > 0 else 1
-        return cls(rows, n, group)
+        group = max(1, min(rows, prefix // n)) if prefix > 0 and pack else 1
+        return cls(rows, n, group, causal)
 
     @property
     def batch(self) -> int:
@@ -106,10 +114,11 @@ class RowLayout:
         return self.unpack_all(packed)[: self.rows]
 
     def attention_mask(self, prefix: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """Additive float mask ``[batch, 1, group*n, prefix + group*n]``: the prefix and its own earlier tokens."""
+        """Additive float mask ``[batch, 1, group*n, prefix + group*n]``: the prefix and its own earlier tokens
+        (every token of its own row when not causal)."""
         q = torch.arange(self.tokens, device=device)
         same_row = (q[:, None] // self.n) == (q[None, :] // self.n)
-        visible = same_row & (q[None, :] <= q[:, None])
+        visible = same_row & (q[None, :] <= q[:, None]) if self.causal else same_row
         visible = torch.cat([torch.ones(self.tokens, prefix, dtype=torch.bool, device=device), visible], dim=1)
         mask = torch.zeros(visible.shape, dtype=dtype, device=device)
         mask.masked_fill_(~visible, torch.finfo(dtype).min)
