@@ -550,8 +550,9 @@ def _scaled_neurons(mask_idx: int, positions: list[int], mode: str) -> Callable[
 
 def _restore(saved: list) -> None:
     """Undo weight changes, last first, so that a neuron changed twice gets its original values back."""
-    for weight, neuron_rows, neuron, original in reversed(saved):
-        if neuron_rows:
-            weight[neuron, :] = original
-        else:
-            weight[:, neuron] = original
+    with torch.no_grad():
+        for weight, neuron_rows, neuron, original in reversed(saved):
+            if neuron_rows:
+                weight[neuron, :] = original
+            else:
+                weight[:, neuron] = original
