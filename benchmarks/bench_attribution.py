@@ -1,4 +1,5 @@
-"""Attribution benchmark: fastrit against the knowledge-neurons-style loop and Captum, in one run.
+"""Attribution benchmark: fastrit against the knowledge-neurons-style loop, Captum and the knowledge-neurons
+package, in one run.
 
 Scenarios (one Llama-shaped model, random weights, fixed seed; ``--quick`` shrinks everything):
 
@@ -9,6 +10,10 @@ Scenarios (one Llama-shaped model, random weights, fixed seed; ``--quick`` shrin
   IntegratedGradients on the site, one layer at a time (with and without its convergence delta).
 - ``delta``: |delta| of gausslegendre with 8 steps against riemann_right with 20 steps, positions
   "all", over the benchmark prompts.
+- ``kn_gpt2``: ``KnowledgeNeurons.get_scores`` of the knowledge-neurons package (0.0.2) against
+  ``fastrit.compat.KnowledgeNeurons`` on a GPT-2-shaped model (6 layers, hidden 256, GPT-2's vocabulary), a
+  256-token prompt, steps 20, batch_size 20; ``kn_bert``: the same on a 4-layer BERT (hidden 256, BERT's
+  vocabulary) with a 128-token input. The largest score difference (relative to the largest score) is reported.
 
 Times are wall-clock medians (with 20th/80th percentiles) of ``--repeats`` runs, FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode``. Results go to ``benchmarks/results/`` as JSON, CSV and
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import json
 import platform
 import statistics
@@ -39,6 +45,9 @@ RESULTS = Path(__file__).parent / "results"
 
 FULL = dict(hidden=256, intermediate=704, layers=8, heads=4, vocab=2000, t_last=512, t_all=256, steps=20, prompts=3)
 QUICK = dict(hidden=32, intermediate=48, layers=2, heads=4, vocab=96, t_last=24, t_all=12, steps=4, prompts=2)
+# the knowledge-neurons scenarios: (layers, hidden, heads, vocabulary, prompt tokens, steps, batch_size)
+KN_FULL = {"gpt2": (6, 256, 4, 50257, 256, 20, 20), "bert": (4, 256, 4, 30522, 128, 20, 20)}
+KN_QUICK = {"gpt2": (2, 32, 4, 200, 16, 4, 2), "bert": (2, 32, 4, 200, 12, 4, 2)}
 
 
 @dataclass
@@ -92,7 +101,58 @@ def captum_all_layers(model, input_ids, target_ids, steps: int, with_delta: bool
         captum_site_ig(model, arch, example, layer, "prob", "riemann_right", steps, with_delta=with_delta)
 
 
-def run(shape: dict, repeats: int) -> dict:
+def kn_setup(kind: str, shape: tuple, folder: Path):
+    """A ``kind`` ("gpt2" or "bert") model with random weights, a word-level tokenizer over ``w0 w1 ...`` and a
+    prompt of the scenario's length (BERT's with its [CLS], [MASK] in the middle and [SEP])."""
+    from fastrit.demo.pretrain import word_tokenizer
+
+    layers, hidden, heads, vocab, tokens, _, _ = shape
+    gen = torch.Generator().manual_seed(4)
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        tokenizer = word_tokenizer([f"w{i}" for i in range(vocab - 4)])
+        config = transformers.GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=hidden, n_layer=layers,
+                                         n_head=heads)
+        words = [f"w{i}" for i in torch.randint(0, vocab - 4, (tokens,), generator=gen).tolist()]
+        return transformers.GPT2LMHeadModel(config).eval(), tokenizer, " ".join(words)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (folder / "vocab.txt").write_text("\n".join([*specials, *(f"w{i}" for i in range(vocab - 5))]) + "\n")
+    tokenizer = transformers.BertTokenizer(str(folder / "vocab.txt"))
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                                     num_attention_heads=heads, intermediate_size=4 * hidden)
+    words = [f"w{i}" for i in torch.randint(0, vocab - 5, (tokens - 2,), generator=gen).tolist()]
+    words[len(words) // 2] = "[MASK]"
+    return transformers.BertForMaskedLM(config).eval(), tokenizer, " ".join(words)
+
+
+def kn_scenario(kind: str, shape: tuple, repeats: int, rows: list) -> float:
+    """Time ``get_scores`` of the package and of fastrit's drop-in; returns max |difference| / max |score|."""
+    import tempfile
+
+    from knowledge_neurons import KnowledgeNeurons as PackageKN
+
+    from fastrit.compat import KnowledgeNeurons
+
+    _, _, _, _, tokens, steps, batch_size = shape
+    with tempfile.TemporaryDirectory() as folder:
+        model, tokenizer, prompt = kn_setup(kind, shape, Path(folder))
+    print(f"kn_{kind}: {shape[0]} layers, hidden {shape[1]}, vocabulary {len(tokenizer)}, {tokens}-token prompt, "
+          f"steps={steps}, batch_size={batch_size}")
+    target = tokenizer.convert_ids_to_tokens(7)
+    package = PackageKN(model, tokenizer, model_type=kind, device="cpu")
+    ours = KnowledgeNeurons(model, tokenizer, model_type=kind, device="cpu")
+    settings = dict(batch_size=batch_size, steps=steps, pbar=False)
+    assert package._prepare_inputs(prompt)[0]["input_ids"].shape[1] == tokens
+    scenario = f"kn_{kind}"
+    rows.append(measure(scenario, "fastrit.compat", lambda: ours.get_scores(prompt, target, **settings), repeats))
+    rows.append(measure(scenario, "knowledge-neurons 0.0.2",
+                        lambda: package.get_scores(prompt, target, **settings), repeats))
+    ref = package.get_scores(prompt, target, **settings).detach()
+    got = ours.get_scores(prompt, target, **settings)
+    return float((got - ref).abs().max() / ref.abs().max())
+
+
+def run(shape: dict, repeats: int, kn_shapes: dict) -> dict:
     model = build_model(shape)
     steps = shape["steps"]
     rows: list[Row] = []
@@ -128,6 +188,8 @@ def run(shape: dict, repeats: int) -> dict:
             "mean_abs_delta": float(result.delta.abs().mean()),
         }
 
+    kn_error = {kind: kn_scenario(kind, kn_shape, repeats, rows) for kind, kn_shape in kn_shapes.items()}
+
     def time_of(scenario: str, provider: str) -> Row:
         return next(r for r in rows if r.scenario == scenario and r.provider.startswith(provider))
 
@@ -143,7 +205,15 @@ def run(shape: dict, repeats: int) -> dict:
         "all_flop_ratio_captum_over_fastrit": cap.gflops / fast_all.gflops,
         "deltas": deltas,
     }
-    return {"shape": shape, "repeats": repeats, "rows": [asdict(r) for r in rows], "summary": summary}
+    for kind, error in kn_error.items():
+        package, ours = time_of(f"kn_{kind}", "knowledge-neurons"), time_of(f"kn_{kind}", "fastrit")
+        summary[f"kn_{kind}_speedup"] = package.median_s / ours.median_s
+        summary[f"kn_{kind}_flop_ratio"] = package.gflops / ours.gflops
+        summary[f"kn_{kind}_max_rel_difference"] = error
+    kn = {kind: dict(zip(("layers", "hidden", "heads", "vocab", "tokens", "steps", "batch_size"), v, strict=True))
+          for kind, v in kn_shapes.items()}
+    return {"shape": shape, "kn_shapes": kn, "repeats": repeats, "rows": [asdict(r) for r in rows],
+            "summary": summary}
 
 
 def environment() -> dict:
@@ -155,6 +225,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "knowledge_neurons": importlib.metadata.version("knowledge-neurons"),
         "fastrit": fastrit.__version__,
         "device": "cpu",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -173,15 +244,17 @@ def write(report: dict, out_dir: Path, name: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, scenario in zip(axes, ("last", "all"), strict=True):
+    scenarios = ("last", "all", "kn_gpt2", "kn_bert")
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5.5 * len(scenarios), 4))
+    for ax, scenario in zip(axes, scenarios, strict=True):
         rows = [r for r in report["rows"] if r["scenario"] == scenario]
         ax.bar([r["provider"] for r in rows], [r["median_s"] for r in rows],
                yerr=[[r["median_s"] - r["p20_s"] for r in rows], [r["p80_s"] - r["median_s"] for r in rows]])
-        if scenario == "last":  # two orders of magnitude apart
+        log = scenario != "all"  # one to two orders of magnitude apart
+        if log:
             ax.set_yscale("log")
-        ax.set_ylabel("seconds (median)" + (", log scale" if scenario == "last" else ""))
-        ax.set_title(f"positions={scenario}")
+        ax.set_ylabel("seconds (median)" + (", log scale" if log else ""))
+        ax.set_title(f"positions={scenario}" if scenario in ("last", "all") else f"get_scores, {scenario}")
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle(f"fastrit attribution, {report['env']['machine']} CPU x{report['env']['torch_threads']} threads")
     fig.tight_layout()
@@ -198,6 +271,10 @@ def print_summary(report: dict) -> None:
     print(f"  all:  fastrit {s['all_speedup_vs_captum_with_delta']:.2f}x faster than Captum with delta, "
           f"{s['all_speedup_vs_captum_no_delta']:.2f}x without "
           f"(FLOP ratio {s['all_flop_ratio_captum_over_fastrit']:.2f}x)")
+    for kind in ("gpt2", "bert"):
+        print(f"  kn_{kind}: fastrit.compat {s[f'kn_{kind}_speedup']:.1f}x faster than knowledge-neurons 0.0.2 "
+              f"(FLOP ratio {s[f'kn_{kind}_flop_ratio']:.1f}x); max |difference| / max |score| "
+              f"{s[f'kn_{kind}_max_rel_difference']:.1e}")
     for name, value in s["deltas"].items():
         print(f"  delta {name:18s} max |delta| {value['max_abs_delta']:.3e}  "
               f"mean |delta| {value['mean_abs_delta']:.3e}")
@@ -212,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.repeats < 1:
         parser.error("--repeats: expected >= 1")
     shape = QUICK if args.quick else FULL
-    report = run(shape, args.repeats)
+    report = run(shape, args.repeats, KN_QUICK if args.quick else KN_FULL)
     report["env"] = environment()
     name = "bench_attribution_quick" if args.quick else "bench_attribution"
     write(report, args.out, name)

@@ -276,6 +276,25 @@ def test_gpt_model_type_uses_the_same_sites(pair, kn_model, word_tok):
                         theirs.get_scores(prompt, "paris", batch_size=5, steps=10, pbar=False))
 
 
+def test_weight_orientation_follows_the_module(pair, kn_model, word_tok):
+    """With model_type="gpt" the package edits GPT-2's Conv1D weight as if it were nn.Linear; the drop-in erases
+    the same weights as the package does with model_type="gpt2"."""
+    theirs, _ = pair("gpt2")
+    model = kn_model("gpt2")
+    before, structure = snapshot(model), [type(m).__name__ for m in model.modules()]
+    ours = KnowledgeNeurons(model, word_tok, model_type="gpt", device="cpu")
+    prompt, neurons = prompts_of("gpt2")[0], [[0, 100], [2, 7]]
+    _, undo = ours.erase_knowledge(prompt, neurons, target="paris", undo_modification=False, quiet=True)
+    _, ref_undo = theirs.erase_knowledge(prompt, neurons, target="paris", undo_modification=False, quiet=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), theirs.model.state_dict().values(),
+                                                 strict=True))
+    undo()
+    assert_untouched(model, before, structure)
+    wrong = knowledge_neurons.KnowledgeNeurons(copy.deepcopy(model), word_tok, model_type="gpt", device="cpu")
+    with pytest.raises(IndexError):  # neuron 100 read as a column of the [128, 32] Conv1D weight
+        wrong.erase_knowledge(prompt, neurons, target="paris", quiet=True)
+
+
 # ---------------------------------------------------------------- families beyond the package
 
 
