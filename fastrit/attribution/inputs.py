@@ -243,6 +243,11 @@ def prepare_call(
 ) -> AttributionCall:
     """Check every argument of ``attribute`` (ValueError/TypeError naming it) and unpad the batch."""
     arch = resolve_arch(model, spec)
+    if arch.spec.bidirectional:
+        raise ValueError(
+            "spec: a bidirectional (encoder) spec scores a masked LM at its [MASK] positions, which "
+            "fastrit.compat.KnowledgeNeurons does; attribute scores causal LMs (prompt + answer, teacher forcing)"
+        )
     check_settings(objective, positions, method, steps, None)
     layer_list = resolve_layers(layers, arch.num_layers)
     if isinstance(input_ids, torch.Tensor):

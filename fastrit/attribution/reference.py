@@ -9,13 +9,13 @@ cached or reused, and nothing of :mod:`.sweep` or the additive-MLP shortcut is u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..arch import ArchSpec
+from ..arch import ArchSpec, ModelArch
 from .engine import model_session
 from .inputs import ScoredExample, check_optional_count, objective_from_logits, prepare_call
 from .result import NeuronAttribution
@@ -23,35 +23,48 @@ from .result import NeuronAttribution
 __all__ = ["attribute_reference"]
 
 
+def _hook_site(arch: ModelArch, layer: int, edit: Callable[[torch.Tensor], torch.Tensor | None]):
+    """Hook layer ``layer``'s site (the input of its ``mlp_out``, or the output of its ``site_out``) with ``edit``,
+    which returns the replacement or None to keep it; returns the handle."""
+    if arch.site_out is None:
+
+        def pre_hook(module: nn.Module, args: tuple) -> tuple | None:
+            out = edit(args[0])
+            return None if out is None else (out, *args[1:])
+
+        return arch.mlp_out[layer].register_forward_pre_hook(pre_hook)
+    return arch.site_out[layer].register_forward_hook(lambda module, args, output: edit(output))
+
+
 def _objective_with_site(
-    model: nn.Module, mlp_out: nn.Module, example: ScoredExample, objective: str, site_at_positions: torch.Tensor
+    arch: ModelArch, layer: int, example: ScoredExample, objective: str, site_at_positions: torch.Tensor
 ) -> torch.Tensor:
     """``[R]`` objective of the full model, the site at the scaled positions set to ``site_at_positions [R, P, I]``."""
     rows = site_at_positions.shape[0]
 
-    def hook(module: nn.Module, args: tuple) -> tuple:
-        site = args[0].clone()
+    def replace(site: torch.Tensor) -> torch.Tensor:
+        site = site.clone()
         site[:, example.positions] = site_at_positions.to(site.dtype)
-        return (site, *args[1:])
+        return site
 
-    handle = mlp_out.register_forward_pre_hook(hook)
+    handle = _hook_site(arch, layer, replace)
     try:
-        logits = model(input_ids=example.ids[None].expand(rows, -1), use_cache=False).logits
+        logits = arch.model(input_ids=example.ids[None].expand(rows, -1), use_cache=False).logits
     finally:
         handle.remove()
     return objective_from_logits(logits[:, example.answer_positions], example.answer, objective)
 
 
-def _clean_site(model: nn.Module, mlp_out: nn.Module, example: ScoredExample) -> torch.Tensor:
+def _clean_site(arch: ModelArch, layer: int, example: ScoredExample) -> torch.Tensor:
     captured = {}
 
-    def hook(module: nn.Module, args: tuple) -> None:
-        captured["site"] = args[0][0, example.positions].detach()
+    def keep(site: torch.Tensor) -> None:
+        captured["site"] = site[0, example.positions].detach()
 
-    handle = mlp_out.register_forward_pre_hook(hook)
+    handle = _hook_site(arch, layer, keep)
     try:
         with torch.no_grad():
-            model(input_ids=example.ids[None], use_cache=False)
+            arch.model(input_ids=example.ids[None], use_cache=False)
     finally:
         handle.remove()
     return captured["site"]
@@ -89,21 +102,20 @@ def attribute_reference(
         with model_session(model):
             for b, example in enumerate(examples):
                 for j, layer in enumerate(layer_list):
-                    mlp_out = arch.mlp_out[layer]
-                    site = _clean_site(model, mlp_out, example)  # [P, I]
+                    site = _clean_site(arch, layer, example)  # [P, I]
                     total_grad = torch.zeros(site.shape, dtype=torch.float32, device=site.device)
                     for start in range(0, steps, per_batch):
                         batch_alphas = torch.tensor(alphas[start : start + per_batch], device=site.device)
                         batch_weights = torch.tensor(weights[start : start + per_batch], device=site.device)
                         scaled = (batch_alphas.view(-1, 1, 1) * site.float()).to(site.dtype).requires_grad_(True)
                         with torch.enable_grad():
-                            values = _objective_with_site(model, mlp_out, example, objective, scaled)
+                            values = _objective_with_site(arch, layer, example, objective, scaled)
                             (grad,) = torch.autograd.grad(values.sum(), scaled)
                         total_grad += torch.einsum("k,kpi->pi", batch_weights, grad.float())
                     layer_scores = (site.float() * total_grad).sum(dim=0)
                     with torch.no_grad():
                         ends = torch.stack([site, torch.zeros_like(site)])
-                        f_clean, f_zero = _objective_with_site(model, mlp_out, example, objective, ends).tolist()
+                        f_clean, f_zero = _objective_with_site(arch, layer, example, objective, ends).tolist()
                     scores[b, j] = layer_scores.cpu()
                     delta[b, j] = layer_scores.sum().item() - (f_clean - f_zero)
                     bar.update(1)

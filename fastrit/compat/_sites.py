@@ -5,7 +5,7 @@ The knowledge-neurons package (PyPI ``knowledge-neurons`` 0.0.2) attributes:
 - ``model_type="bert"``: the output of ``bert.encoder.layer[l].intermediate`` (after the activation) at the
   ``[MASK]`` position; that tensor is the input of ``output.dense``, fastrit's neuron site;
 - any ``model_type`` containing ``"gpt"``: the output of ``transformer.h[l].mlp.c_fc``, *before* the activation,
-  at the last position (GPT-2, GPT-Neo).
+  at the last position (GPT-2, GPT-Neo, GPTBigCode; OpenAI GPT has no key/value cache and is not supported).
 
 The families fastrit recognises beyond those (``fastrit.FAMILIES``: Llama, Mistral, Qwen, Gemma, Phi-3,
 GPT-NeoX) are attributed at fastrit's neuron site (the input of the MLP output projection), at the last position.
@@ -34,6 +34,7 @@ _GPT_SPECS = {
         layers="h", mlp_out="mlp.c_proj", final_norm="ln_f", site="mlp.c_fc", pack_rows=False,
         layer_returns_tuple=True,
     ),
+    "gpt_bigcode": ArchSpec(layers="h", mlp_out="mlp.c_proj", final_norm="ln_f", site="mlp.c_fc"),
 }
 _FAMILY_TYPES = tuple(sorted(set(FAMILIES) - {"gpt2"}))
 
@@ -122,7 +123,7 @@ def resolve_sites(model: nn.Module, model_type: str) -> KNSites:
         spec = _GPT_SPECS.get(actual)
         if spec is None:
             raise ValueError(
-                f"model_type: {model_type!r} (the package's GPT path) needs a GPT-2 or GPT-Neo model "
+                f"model_type: {model_type!r} (the package's GPT path) needs a GPT-2, GPT-Neo or GPTBigCode model "
                 f"(transformer.h[*].mlp.c_fc), got a {actual!r} model"
                 + (f"; for it pass model_type={actual!r}" if actual in _FAMILY_TYPES else "")
             )

@@ -41,7 +41,10 @@ in whatever mode it is in), and its training flag is restored.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
+import numbers
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..attribution.engine import attribute_call
 from ..attribution.inputs import AttributionCall, ScoredExample
 from ._sites import KNSites, resolve_sites
@@ -86,6 +90,9 @@ class KnowledgeNeurons:
         progress: bool = True,
     ) -> None:
         self._sites: KNSites = resolve_sites(model, model_type)
+        if backend not in ("auto", *ops.BACKENDS):
+            raise ValueError(f"backend: expected one of auto, {', '.join(ops.BACKENDS)}, got {backend!r}")
+        self._live_patches = 0  # activation patches kept by undo_modification=False, not undone yet
         self.model = model
         self.model_type = model_type
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,6 +115,7 @@ class KnowledgeNeurons:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt: expected a str, got {type(prompt).__name__}")
             encoded_input = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        _check_encoded(encoded_input)
         if self._sites.masked_lm:
             found = torch.where(encoded_input["input_ids"][0] == self.tokenizer.mask_token_id)[0]
             if found.numel() != 1:
@@ -138,16 +146,17 @@ class KnowledgeNeurons:
             raise ValueError(f"ground_truth/target: {target!r} encodes to no token")
         return list(tokens)
 
-    def _check_steps(self, steps: int, batch_size: int) -> None:
+    def _check_steps(self, steps: int, batch_size: int) -> tuple[int, int]:
+        steps, batch_size = _integer("steps", steps), _integer("batch_size", batch_size)
         for name, value in (("steps", steps), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         assert steps % batch_size == 0  # the package's own check: batch_size must divide steps
+        return steps, batch_size
 
     def _layer_index(self, layer_idx: int) -> int:
         n = self.n_layers()
-        if isinstance(layer_idx, bool) or not isinstance(layer_idx, int):
-            raise TypeError(f"layer_idx: expected an int, got {type(layer_idx).__name__}")
+        layer_idx = _integer("layer_idx", layer_idx)
         assert layer_idx < n, f"cannot get layer {layer_idx + 1} of a {n} layer model"
         if layer_idx < -n:
             raise ValueError(f"layer_idx: {layer_idx} is out of range for a model with {n} layers")
@@ -159,9 +168,10 @@ class KnowledgeNeurons:
         width = self.intermediate_size()
         checked = []
         for pair in neurons:
-            if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            integral = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)
+            if len(pair) != 2 or not integral:
                 raise ValueError(f"neurons: expected [layer, neuron] pairs of ints, got {pair!r}")
-            layer, neuron = pair
+            layer, neuron = (operator.index(v) for v in pair)
             assert layer < self.n_layers()  # the package's check
             if layer < -self.n_layers() or not -width <= neuron < width:
                 raise ValueError(
@@ -230,13 +240,19 @@ class KnowledgeNeurons:
         encoded_input: dict | None = None,
     ) -> list[torch.Tensor]:
         """Per prompt, ``[len(layers), I]`` float32 scores on ``self.device``, all prompts in one engine call."""
-        self._check_steps(steps, batch_size)
+        steps, batch_size = self._check_steps(steps, batch_size)
         per_prompt = [self._examples(p, ground_truth, encoded_input) for p in prompts]
         examples = [example for group in per_prompt for example in group]
+        if not examples:
+            return []
+        arch = self._sites.arch
+        if self._live_patches:
+            # a kept suppress/enhance patch edits the last position of each sequence: one IG row per sequence
+            arch = dataclasses.replace(arch, spec=dataclasses.replace(arch.spec, pack_rows=False))
         # the package's rule: linspace(0, 1, steps), every point weighted 1 / steps
         alphas = torch.linspace(0, 1, steps).tolist()
         call = AttributionCall(
-            arch=self._sites.arch,
+            arch=arch,
             examples=examples,
             layers=layers,
             alphas=alphas,
@@ -379,14 +395,14 @@ class KnowledgeNeurons:
         return math.prod(gt_probs), math.prod(argmax_probs), self.tokenizer.decode(argmax_tokens), argmax_tokens
 
     @staticmethod
-    def _report(results: dict, when: str, quiet: bool, values: tuple) -> None:
+    def _report(results: dict, when: str, quiet: bool, values: tuple, end: str = "\n") -> None:
         gt_prob, argmax_prob, completion = values[:3]
         results[when] = {"gt_prob": gt_prob, "argmax_completion": completion, "argmax_prob": argmax_prob}
         if not quiet:
             title = "Before" if when == "before" else "After"
             print(
                 f"\n{title} modification - groundtruth probability: {gt_prob}\n"
-                f"Argmax completion: `{completion}`\nArgmax prob: {argmax_prob}\n"
+                f"Argmax completion: `{completion}`\nArgmax prob: {argmax_prob}{end}"
             )
 
     # ---------------------------------------------------------------- modifying activations
@@ -423,10 +439,13 @@ class KnowledgeNeurons:
         ]
 
         def unpatch(*args):
+            if handles:
+                self._live_patches -= 1
             while handles:
                 handles.pop().remove()
             return args
 
+        self._live_patches += 1
         try:
             self._report(results, "after", quiet, self._generate(prompt, ground_truth))
         except BaseException:
@@ -473,7 +492,7 @@ class KnowledgeNeurons:
         self._prepare_inputs(prompt, target)
         results: dict = {}
         before = self._generate(prompt, target)
-        self._report(results, "before", quiet, before)
+        self._report(results, "before", quiet, before, end="")
 
         embeddings = self._sites.word_embeddings()
         if mode == "edit":
@@ -499,7 +518,7 @@ class KnowledgeNeurons:
         except BaseException:
             _restore(saved)
             raise
-        self._report(results, "after", quiet, after)
+        self._report(results, "after", quiet, after, end="")
 
         def unpatch(*args):
             _restore(saved)
@@ -530,6 +549,26 @@ class KnowledgeNeurons:
         """:meth:`modify_weights` in ``"erase"`` mode."""
         return self.modify_weights(prompt, neurons, target, mode="erase", erase_value=erase_value,
                                    undo_modification=undo_modification, quiet=quiet)
+
+
+def _integer(name: str, value: object) -> int:
+    """``value`` as an int (Python or numpy integers), or a TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return operator.index(value)
+
+
+def _check_encoded(encoded_input: dict) -> None:
+    """The drop-in scores one unpadded prompt (the package's own use of ``encoded_input``)."""
+    ids = encoded_input["input_ids"]
+    if ids.dim() != 2 or ids.shape[0] != 1:
+        raise ValueError(f"encoded_input: expected input_ids of one prompt [1, T], got {list(ids.shape)}")
+    mask = encoded_input.get("attention_mask")
+    if mask is not None and not bool((mask != 0).all()):
+        raise ValueError("encoded_input: padded inputs (zeros in attention_mask) are not supported; pass the prompt")
+    types = encoded_input.get("token_type_ids")
+    if types is not None and bool((types != 0).any()):
+        raise ValueError("encoded_input: token_type_ids other than 0 (sentence pairs) are not supported")
 
 
 def _scaled_neurons(mask_idx: int, positions: list[int], mode: str) -> Callable[[torch.Tensor], torch.Tensor]:

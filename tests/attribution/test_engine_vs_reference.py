@@ -106,3 +106,35 @@ def test_attention_without_4d_masks_runs_eager_and_is_restored(tiny_model_dir):
     fast = fastrit.attribute(model, input_ids, **kwargs)
     assert relative_error(fast.scores, ref.scores) < TOL
     assert model.config._attn_implementation == "flex_attention"
+
+
+# another site (GPT-2's c_fc output, before the activation: the knowledge-neurons package's) and unpacked rows
+_C_FC = fastrit.ArchSpec(layers="h", mlp_out="mlp.c_proj", final_norm="ln_f", site="mlp.c_fc")
+
+
+@pytest.mark.parametrize("spec", [_C_FC, fastrit.ArchSpec(layers="h", mlp_out="mlp.c_proj", final_norm="ln_f",
+                                                          pack_rows=False)], ids=["c_fc_site", "unpacked"])
+@pytest.mark.parametrize("positions", ["last", "answer", "all"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_other_site_and_unpacked_rows_equal_reference(tiny_model, spec, positions, padding_side):
+    model = tiny_model("gpt2")
+    input_ids, attention_mask, target_ids = prompt_batch(padding_side)
+    settings = dict(attention_mask=attention_mask, target_ids=target_ids, positions=positions, steps=4, spec=spec)
+    fast = fastrit.attribute(model, input_ids, **settings)
+    ref = fastrit.attribute_reference(model, input_ids, **settings)
+    width = model.config.n_inner if spec.site else 48
+    assert fast.scores.shape == (3, 3, width) and ref.scores.abs().max() > 1e-6
+    assert relative_error(fast.scores, ref.scores) < TOL
+    assert float((fast.delta - ref.delta).abs().max()) < TOL * float(ref.scores.abs().sum(-1).max())
+    if spec.site:  # a different site gives different scores than the neuron site
+        default = fastrit.attribute(model, input_ids, **{**settings, "spec": None})
+        assert relative_error(fast.scores, default.scores) > 1e-2
+
+
+def test_bidirectional_spec_is_refused(tiny_model):
+    spec = fastrit.ArchSpec(layers="h", mlp_out="mlp.c_proj", final_norm="ln_f", additive_mlp=False,
+                            bidirectional=True)
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    with pytest.raises(ValueError, match="spec: a bidirectional .* fastrit.compat.KnowledgeNeurons"):
+        fastrit.attribute(tiny_model("gpt2"), input_ids, attention_mask=attention_mask, target_ids=target_ids,
+                          spec=spec)

@@ -228,14 +228,46 @@ def test_edit_is_bert_only_as_in_the_package(pair, kind):
     assert_untouched(ours.model, before, structure)
 
 
-def test_printed_reports_match(pair, capsys):
+@pytest.mark.parametrize("method", ["suppress_knowledge", "erase_knowledge"])
+def test_printed_reports_match(pair, capsys, method):
     theirs, ours = pair("gpt2")
-    theirs.suppress_knowledge(prompts_of("gpt2")[0], "paris", [[0, 1]])
+    args = (prompts_of("gpt2")[0], "paris", [[0, 1]])
+    if method == "erase_knowledge":
+        args = (args[0], args[2], "zero", args[1])
+    getattr(theirs, method)(*args)
     ref = capsys.readouterr().out
-    ours.suppress_knowledge(prompts_of("gpt2")[0], "paris", [[0, 1]])
+    getattr(ours, method)(*args)
     got = capsys.readouterr().out
     assert got.count("groundtruth probability") == 2
     assert [line.split(":")[0] for line in got.splitlines()] == [line.split(":")[0] for line in ref.splitlines()]
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_scores_with_a_kept_patch_match(pair, kind):
+    """Scores taken while a suppress patch is kept (undo_modification=False) see the patch as the package's do."""
+    theirs, ours = pair(kind)
+    prompt, neurons = prompts_of(kind)[0], [[0, 3], [1, 10], [1, 2]]
+    _, ref_undo = theirs.suppress_knowledge(prompt, "paris", neurons, undo_modification=False, quiet=True)
+    _, undo = ours.suppress_knowledge(prompt, "paris", neurons, undo_modification=False, quiet=True)
+    ref = theirs.get_scores(prompt, "paris", batch_size=5, steps=10, pbar=False)
+    assert_scores_close(ours.get_scores(prompt, "paris", batch_size=5, steps=10, pbar=False), ref)
+    undo()
+    ref_undo()
+    assert_scores_close(ours.get_scores(prompt, "paris", batch_size=5, steps=10, pbar=False),
+                        theirs.get_scores(prompt, "paris", batch_size=5, steps=10, pbar=False))
+
+
+def test_numpy_integers_and_empty_prompt_lists(pair):
+    np = pytest.importorskip("numpy")
+    theirs, ours = pair("gpt2")
+    prompt = prompts_of("gpt2")[0]
+    neurons = [[np.int64(0), np.int64(3)], [np.int32(2), np.int64(7)]]
+    ref, _ = theirs.suppress_knowledge(prompt, "paris", neurons, quiet=True)
+    got, _ = ours.suppress_knowledge(prompt, "paris", neurons, quiet=True)
+    assert_results_close(got, ref)
+    assert_scores_close(ours.get_scores_for_layer(prompt, "paris", np.int64(1), batch_size=np.int64(5), steps=10),
+                        theirs.get_scores_for_layer(prompt, "paris", 1, batch_size=5, steps=10))
+    assert ours.get_refined_neurons([], "paris", quiet=True) == theirs.get_refined_neurons([], "paris", quiet=True)
 
 
 # ---------------------------------------------------------------- multi-token targets of GPT models
@@ -295,6 +327,20 @@ def test_weight_orientation_follows_the_module(pair, kn_model, word_tok):
         wrong.erase_knowledge(prompt, neurons, target="paris", quiet=True)
 
 
+def test_gpt_bigcode_matches_the_package(word_tok):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPTBigCodeConfig(vocab_size=len(word_tok), n_positions=64, n_embd=32, n_layer=3, n_head=4,
+                                           initializer_range=0.2)
+    model = transformers.GPTBigCodeForCausalLM(config).eval()
+    theirs = knowledge_neurons.KnowledgeNeurons(copy.deepcopy(model), word_tok, model_type="gpt", device="cpu")
+    ours = KnowledgeNeurons(model, word_tok, model_type="gpt", device="cpu")
+    prompt = prompts_of("gpt")[2]
+    assert_scores_close(ours.get_scores(prompt, "paris", batch_size=5, steps=10, pbar=False),
+                        theirs.get_scores(prompt, "paris", batch_size=5, steps=10, pbar=False))
+
+
 # ---------------------------------------------------------------- families beyond the package
 
 
@@ -347,9 +393,8 @@ def test_backends_agree_and_progress_is_optional(pair, capsys):
                              progress=False)
     assert_scores_close(quiet.get_scores(prompt, "paris", batch_size=5, steps=10), ref)
     assert "fastrit.attribute" not in capsys.readouterr().err
-    bad = KnowledgeNeurons(ours.model, ours.tokenizer, model_type="gpt2", device="cpu", backend="fast")
     with pytest.raises(ValueError, match="backend"):
-        bad.get_scores(prompt, "paris", batch_size=5, steps=10)
+        KnowledgeNeurons(ours.model, ours.tokenizer, model_type="gpt2", device="cpu", backend="fast")
 
 
 def test_unknown_or_mismatched_model_type(kn_model, word_tok, bert_tok, tiny_model):
@@ -357,7 +402,7 @@ def test_unknown_or_mismatched_model_type(kn_model, word_tok, bert_tok, tiny_mod
         KnowledgeNeurons(kn_model("gpt2"), word_tok, model_type="t5", device="cpu")
     with pytest.raises(ValueError, match="needs a BERT masked LM"):
         KnowledgeNeurons(kn_model("gpt2"), word_tok, model_type="bert", device="cpu")
-    with pytest.raises(ValueError, match="needs a GPT-2 or GPT-Neo model"):
+    with pytest.raises(ValueError, match="needs a GPT-2, GPT-Neo or GPTBigCode model"):
         KnowledgeNeurons(kn_model("bert"), bert_tok, model_type="gpt2", device="cpu")
     with pytest.raises(ValueError, match="pass model_type='gpt_neox'"):
         KnowledgeNeurons(tiny_model("gpt_neox"), word_tok, model_type="gpt_neox2", device="cpu")
@@ -395,6 +440,12 @@ def test_bad_input(pair):
         ours.get_scores_for_layer(prompt, "paris", layer_idx=3)
     with pytest.raises(ValueError, match="steps: expected an int >= 1"):
         ours.get_scores(prompt, "paris", batch_size=5, steps=0, pbar=False)
+    padded = ours.tokenizer(prompt, padding="max_length", max_length=16, return_tensors="pt")
+    with pytest.raises(ValueError, match="encoded_input: padded inputs"):
+        ours.get_scores_for_layer(prompt, "paris", 0, encoded_input=padded)
+    pair_input = ours.tokenizer(prompt, "a city", return_tensors="pt")
+    with pytest.raises(ValueError, match="token_type_ids"):
+        ours.get_scores_for_layer(prompt, "paris", 0, encoded_input=pair_input)
     assert_untouched(ours.model, before, structure)
 
 
