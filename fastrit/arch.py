@@ -27,8 +27,8 @@ __all__ = [
 class ArchSpec:
     """Where the neuron sites of a model are.
 
-    The defaults describe a decoder-only causal LM attributed at the neuron site; the last four fields exist
-    for other sites and for encoders (:mod:`fastrit.compat` reproduces the knowledge-neurons package with them).
+    The defaults describe a decoder-only causal LM attributed at the neuron site; the fields from ``site`` on
+    exist for other sites and models (:mod:`fastrit.compat` reproduces the knowledge-neurons package with them).
 
     Attributes:
         layers: dotted path from ``model.base_model`` to the ``nn.ModuleList`` of decoder layers.

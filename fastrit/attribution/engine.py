@@ -388,6 +388,8 @@ def attribute_call(
     model, objective = call.arch.model, call.settings["objective"]
     for example in call.examples:
         check_sequence_fits(model, example.length)
+        if example.bidirectional != call.arch.spec.bidirectional:
+            raise ValueError("call: every example must be bidirectional exactly when the model's spec is")
 
     scores = torch.zeros(len(call.examples), len(call.layers), call.arch.intermediate_size)
     delta = torch.zeros(len(call.examples), len(call.layers))

@@ -67,10 +67,10 @@ class KnowledgeNeurons:
     """Drop-in for ``knowledge_neurons.KnowledgeNeurons``.
 
     Args:
-        model: a BERT masked LM (``model_type="bert"``), a GPT-2 / GPT-Neo causal LM (``"gpt2"``, ``"gpt_neo"``,
-            ``"gpt"`` or any name containing ``"gpt"``, as the package accepts), or a model of another family
-            fastrit recognises, with ``model_type`` its transformers ``config.model_type`` (``"llama"``, ...).
-            Moved to ``device`` as the package does.
+        model: a BERT masked LM (``model_type="bert"``), a GPT-2 / GPT-Neo / GPTBigCode causal LM (``"gpt2"``,
+            ``"gpt_neo"``, ``"gpt"`` or any name containing ``"gpt"``, as the package accepts), or a model of
+            another family fastrit recognises, with ``model_type`` its transformers ``config.model_type``
+            (``"llama"``, ...). Moved to ``device`` as the package does.
         tokenizer: its tokenizer.
         model_type: see ``model``; an unknown one raises a ValueError listing the supported ones.
         device: default ``"cuda"`` when available, else ``"cpu"``.
