@@ -71,7 +71,7 @@ def assert_untouched(model: torch.nn.Module, before: dict, structure: list[str])
 
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("prompt_index", [0, 1, 2])
-@pytest.mark.parametrize(("batch_size", "steps"), [(1, 10), (5, 20), (10, 20)])
+@pytest.mark.parametrize(("batch_size", "steps"), [(1, 10), (1, 20), (5, 10), (5, 20), (10, 10), (10, 20)])
 def test_get_scores_match_the_package(pair, kind, prompt_index, batch_size, steps):
     theirs, ours = pair(kind)
     prompt = prompts_of(kind)[prompt_index]
@@ -351,7 +351,9 @@ class _Site(torch.nn.Module):
         return x
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "phi3", "gpt_neox"])
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox"]
+)
 def test_other_families_match_the_package_on_an_exposed_site(tiny_model, word_tok, family):
     """The package, pointed at fastrit's neuron site (the input of the output projection, exposed as the output
     of an identity module in front of it) of a copy of the model, is the oracle."""
