@@ -451,10 +451,7 @@ class KnowledgeNeurons:
         except BaseException:
             unpatch()
             raise
-        if undo_modification:
-            unpatch()
-            return results, lambda *args: args
-        return results, unpatch
+        return _undone_or_kept(results, unpatch, undo_modification)
 
     def suppress_knowledge(
         self, prompt: str, ground_truth: str, neurons: Neurons, undo_modification: bool = True, quiet: bool = False
@@ -525,10 +522,7 @@ class KnowledgeNeurons:
             saved.clear()
             return args
 
-        if undo_modification:
-            unpatch()
-            return results, lambda *args: args
-        return results, unpatch
+        return _undone_or_kept(results, unpatch, undo_modification)
 
     def edit_knowledge(
         self, prompt: str, target: str, neurons: Neurons, undo_modification: bool = True, quiet: bool = False
@@ -549,6 +543,15 @@ class KnowledgeNeurons:
         """:meth:`modify_weights` in ``"erase"`` mode."""
         return self.modify_weights(prompt, neurons, target, mode="erase", erase_value=erase_value,
                                    undo_modification=undo_modification, quiet=quiet)
+
+
+def _undone_or_kept(results: dict, unpatch: Callable, undo_modification: bool) -> tuple[dict, Callable]:
+    """The package's return value: with ``undo_modification`` the change is undone now and a no-op is returned,
+    else the function that undoes it."""
+    if undo_modification:
+        unpatch()
+        return results, lambda *args: args
+    return results, unpatch
 
 
 def _integer(name: str, value: object) -> int:
