@@ -291,10 +291,13 @@ class KnowledgeNeurons:
         return self._scores([prompt], ground_truth, [layer], batch_size, steps, False, encoded_input)[0][0]
 
     @staticmethod
-    def _threshold(scores: torch.Tensor, threshold, adaptive_threshold, percentile) -> Neurons:
+    def _check_one_threshold(threshold, adaptive_threshold, percentile) -> None:
         assert sum(e is not None for e in [threshold, adaptive_threshold, percentile]) == 1, (
             "Provide one and only one of threshold / adaptive_threshold / percentile"
         )
+
+    @staticmethod
+    def _threshold(scores: torch.Tensor, threshold, adaptive_threshold, percentile) -> Neurons:
         if adaptive_threshold is not None:
             threshold = scores.max().item() * adaptive_threshold
         if threshold is not None:
@@ -315,6 +318,7 @@ class KnowledgeNeurons:
     ) -> Neurons:
         """``[layer, neuron]`` pairs whose score is above ``threshold``, ``adaptive_threshold`` x the largest
         score, or the ``percentile``-th percentile of all scores (exactly one of the three)."""
+        self._check_one_threshold(threshold, adaptive_threshold, percentile)  # before the scores, not after
         scores = self.get_scores(prompt, ground_truth, batch_size=batch_size, steps=steps, pbar=pbar)
         return self._threshold(scores, threshold, adaptive_threshold, percentile)
 
@@ -338,9 +342,7 @@ class KnowledgeNeurons:
         if negative_examples is not None and not isinstance(negative_examples, list):
             raise TypeError(f"negative_examples: expected a list of prompts or None, got {type(negative_examples)}")
         thresholds = (coarse_threshold, coarse_adaptive_threshold, coarse_percentile)
-        assert sum(e is not None for e in thresholds) == 1, (
-            "Provide one and only one of threshold / adaptive_threshold / percentile"
-        )
+        self._check_one_threshold(*thresholds)
         negatives = negative_examples or []
         layers = list(range(self.n_layers()))
         show = not quiet
