@@ -7,6 +7,9 @@ layers in NF4) on ``--train-records`` train records, ``--steps`` optimizer steps
 8-bit AdamW), the loss measured on the noisy-context prompts of ``--dev-records`` dev records: the answer right
 after the prompt at every point (before, after denoise, after distill), and after distill also the answer after the
 model's own evidence (it was trained to write ``Evidence: ... Answer: ...``; fastrit.tuning.answer_loss_after_evidence).
+Before and after both stages, also the answer loss with the evidence marginalised over the passage sentences instead
+of fixed to the greedy one (fastrit.tuning.metrics.answer_loss_over_evidence, an upper bound on the model's answer
+loss in whatever format it answers).
 Results: ``benchmarks/results/bench_tune.json``. Run: ``python -m benchmarks.bench_tune``.
 """
 
@@ -24,6 +27,7 @@ import torch
 
 import fastrit
 from fastrit import data, demo
+from fastrit.tuning.metrics import answer_loss_over_evidence
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -50,6 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.mine_records, args.mine_steps, args.train_records, args.dev_records, args.steps = 16, 2, 64, 16, 2
     torch.manual_seed(0)
     model, tokenizer = demo.load_model()
+    dev = _subset("dev", args.dev_records)
+    over_evidence = {"before": answer_loss_over_evidence(model, tokenizer, dev)}
     seconds = {}
     start = time.perf_counter()
     sets = fastrit.mine(model, tokenizer, _subset("train", args.mine_records), steps=args.mine_steps,
@@ -59,13 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         fastrit.tune(model, tokenizer, _subset("train", args.train_records), sets, output_dir=Path(tmp) / "run",
                      max_steps=args.steps, batch_size=16, learning_rate=1e-3, warmup=0.1, save_steps=10**6,
-                     logging_steps=max(1, args.steps // 5), eval_data=_subset("dev", args.dev_records),
+                     logging_steps=max(1, args.steps // 5), eval_data=dev,
                      progress=False)
         seconds["tune"] = time.perf_counter() - start
         losses = json.loads((Path(tmp) / "run" / "eval_loss.json").read_text())
+    over_evidence["distill"] = answer_loss_over_evidence(model, tokenizer, dev)
     summary = fastrit.trainable_summary(model, print_table=False)
     result = {
-        "noisy_answer_loss": losses, "seconds": seconds, "target_layers": sets.target_layers,
+        "noisy_answer_loss": losses, "noisy_answer_loss_over_evidence": over_evidence, "seconds": seconds,
+        "target_layers": sets.target_layers,
         "deactivated": summary["total"]["deactivated_neurons"], "trainable_params": summary["total"]["trainable"],
         "settings": vars(args) | {"out": str(args.out)},
         "env": {"platform": platform.platform(), "torch": metadata.version("torch"),
@@ -77,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"after distill, the answer after the model's own evidence: "
           f"{losses['distill']['answer_after_own_evidence']:.4f} (it wrote the answer marker itself in "
           f"{losses['distill']['marker_written']:.0%} of the prompts)")
+    print(f"the answer loss with the evidence marginalised over the passage sentences: before "
+          f"{over_evidence['before']:.4f}, after both stages {over_evidence['distill']:.4f}")
     print(f"target layers {sets.target_layers}, {result['deactivated']} neurons deactivated, "
           f"{result['trainable_params']:,} trainable; mine {seconds['mine']:.0f} s, tune {seconds['tune']:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)

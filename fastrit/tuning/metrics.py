@@ -6,6 +6,10 @@
   ``Evidence: ... Answer: ...``): the model writes greedily from the prompt until it has written the answer marker,
   then the gold answer is teacher forced after what it wrote. Teacher forcing the gold evidence instead would hand
   the model the sentence that holds the answer, which a noisy-context prompt does not.
+- :func:`answer_loss_over_evidence`: the answer's likelihood under a model that may write evidence first, with the
+  evidence marginalised rather than fixed to the greedy one: ``-log(p(answer) + sum_s p(Evidence: s Answer:
+  answer))`` over the record's passage sentences ``s``. These are disjoint ways of writing the answer, so the sum
+  is a lower bound on the model's probability of answering it, and the loss an upper bound on its answer loss.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from torch import nn
 from .. import data as rag
 from ..arch import max_positions
 from ..data import ANSWER_MARKER, RagData
+from ..data.text import sentences
 from ..evaluate import greedy_continuations, index_after
 from .loss import causal_lm_loss
 from .stages import IGNORE_INDEX, collate
 
-__all__ = ["EvidenceAnswerLoss", "answer_loss", "answer_loss_after_evidence"]
+__all__ = ["EvidenceAnswerLoss", "answer_loss", "answer_loss_after_evidence", "answer_loss_over_evidence"]
 
 
 def answer_loss(model: nn.Module, examples, tokenizer, *, batch_size: int = 32) -> float:
@@ -106,3 +111,72 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
     examples = datasets.Dataset.from_dict(rows)
     loss = answer_loss(model, examples, tokenizer, batch_size=batch_size)
     return EvidenceAnswerLoss(loss, len(examples), written / len(examples))
+
+
+def _target_logprobs(model: nn.Module, rows: list[tuple[list[int], list[int]]], pad: int,
+                     batch_size: int) -> list[float]:
+    """The summed log-probability (natural log) of each ``(prompt, target)`` row's target tokens, teacher forced,
+    no grad."""
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = collate([{"input_ids": p + t, "labels": [IGNORE_INDEX] * len(p) + t} for p, t in chunk], pad)
+            ids, labels = batch["input_ids"].to(model.device), batch["labels"].to(model.device)
+            hidden = model.base_model(input_ids=ids, attention_mask=batch["attention_mask"].to(model.device),
+                                      use_cache=False).last_hidden_state
+            targets = labels[:, 1:]
+            picked = targets != IGNORE_INDEX
+            logits = head(hidden[:, :-1][picked]).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            logprobs = torch.log_softmax(logits, dim=-1).gather(1, targets[picked][:, None])[:, 0]
+            sums = torch.zeros(len(chunk), device=logprobs.device).index_add_(0, picked.nonzero()[:, 0], logprobs)
+            out.extend(sums.tolist())
+    return out
+
+
+def answer_loss_over_evidence(model: nn.Module, tokenizer, data: RagData, *, k: int = 5,
+                              template: str | None = None, seed: int = 0, batch_size: int = 32) -> float:
+    """Mean cross-entropy per answer token (answer and end token) of ``data``'s noisy-context prompts, the
+    evidence marginalised over the ways of writing the answer that the two stages train (module docstring).
+
+    For each prompt (the denoise/distill prompt: fastrit.data.prompts, condition "noisy", ``k``, ``template``,
+    ``seed``) the ways are: the first gold answer right after the prompt, and ``Evidence: s Answer: <answer>`` for
+    every distinct sentence ``s`` of the record's passages (fastrit.data.text.sentences, the sentences evidence
+    is taken from); each ends with the end token. The loss of a prompt is ``-log`` of the summed probability of
+    those ways; the result is the summed loss over the summed number of answer tokens (answer and end token, as
+    :func:`answer_loss` counts them). The model is put in eval mode and given back in the mode it had.
+    """
+    built = rag.prompts(data, tokenizer, condition="noisy", k=k, template=template, seed=seed, model=model)
+    if len(built) == 0:
+        raise ValueError(f"data: no noisy-context prompt could be built from {len(data)} records")
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    rows: list[tuple[list[int], list[int]]] = []
+    owner: list[int] = []
+    answer_tokens = 0
+    for row, text in enumerate(built.texts):
+        record = data.records[built.records[row]]
+        answer = record["answers"][0]
+        prompt, direct = rag.encode_pair(tokenizer, text, answer)
+        answer_tokens += len(direct) + len(eos)
+        ways = {tuple(direct + eos)}
+        for ctx in record["ctxs"]:
+            for sentence in sentences(ctx["text"]):
+                target = f"Evidence: {sentence} {ANSWER_MARKER} {answer}"
+                ways.add(tuple(rag.encode_pair(tokenizer, text, target)[1] + eos))
+        for way in sorted(ways):
+            rows.append((prompt, list(way)))
+            owner.append(row)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    try:
+        logprobs = torch.tensor(_target_logprobs(model, rows, pad, batch_size), dtype=torch.float64)
+    finally:
+        model.train(was_training)
+    owners = torch.tensor(owner)
+    total = -sum(float(torch.logsumexp(logprobs[owners == row], dim=0)) for row in range(len(built)))
+    return total / answer_tokens

@@ -87,3 +87,34 @@ def test_answer_loss_after_evidence_refuses_bad_input():
     model, tokenizer = demo.load_model()
     with pytest.raises(ValueError, match="max_evidence_tokens"):
         metrics.answer_loss_after_evidence(model, tokenizer, _records(2), max_evidence_tokens=0)
+
+
+def test_answer_loss_over_evidence_equals_a_sum_over_the_ways_of_answering():
+    """Against the model's own loss on each way of writing the answer, one at a time: the answer right after the
+    prompt, and ``Evidence: s Answer: answer`` for each distinct passage sentence s; -log of the summed
+    probability per prompt, over the answer's token count."""
+    from fastrit.data.text import sentences
+
+    model, tokenizer = demo.load_model()
+    records = _records(4)
+    built = data.prompts(records, tokenizer, condition="noisy")
+    eos = tokenizer.eos_token_id
+    total, count = 0.0, 0
+    for row, text in enumerate(built.texts):
+        record = records.records[built.records[row]]
+        answer = record["answers"][0]
+        prompt, direct = data.encode_pair(tokenizer, text, answer)
+        targets = {tuple(direct + [eos])}
+        for ctx in record["ctxs"]:
+            for sentence in sentences(ctx["text"]):
+                ids = data.encode_pair(tokenizer, text, f"Evidence: {sentence} {data.ANSWER_MARKER} {answer}")[1]
+                targets.add(tuple(ids + [eos]))
+        assert len(targets) > 2
+        logprobs = torch.tensor([-_answer_nll(model, prompt, list(t))[0] for t in targets], dtype=torch.float64)
+        total -= float(torch.logsumexp(logprobs, dim=0))
+        count += len(direct) + 1
+    got = metrics.answer_loss_over_evidence(model, tokenizer, records, batch_size=5)
+    assert got == pytest.approx(total / count, rel=1e-4)
+    # a sum over more ways than the direct answer alone: never above the direct answer's loss
+    direct_only = metrics.answer_loss(model, stage_data(records, tokenizer, "denoise").dataset, tokenizer)
+    assert got <= direct_only + 1e-6
