@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, ROOT)
@@ -87,8 +87,9 @@ setup(
     version="0.1.0",
     description="Neuron-level Integrated Gradients and neuron-guided tuning for RAG language models, fast on one GPU",
     python_requires=">=3.10",
-    packages=["fastrit", "fastrit.attribution", "fastrit.cli", "fastrit.data", "fastrit.demo", "fastrit.mining",
-              "fastrit.ops", "fastrit.kernels"],
+    # every package under fastrit/ (a list written by hand had lost fastrit.nn and fastrit.tuning: only an
+    # editable install worked), and the Triton kernels, installed as fastrit.kernels
+    packages=[*find_packages(include=["fastrit", "fastrit.*"]), "fastrit.kernels"],
     entry_points={"console_scripts": ["fastrit = fastrit.cli:main"]},
     package_data={"fastrit.demo": ["reader/*.json", "reader/*.safetensors"]},
     package_dir={"fastrit.kernels": "kernels"},
