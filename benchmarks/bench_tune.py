@@ -7,9 +7,11 @@ layers in NF4) on ``--train-records`` train records, ``--steps`` optimizer steps
 8-bit AdamW), the loss measured on the noisy-context prompts of ``--dev-records`` dev records: the answer right
 after the prompt at every point (before, after denoise, after distill), and after distill also the answer after the
 model's own evidence (it was trained to write ``Evidence: ... Answer: ...``; fastrit.tuning.answer_loss_after_evidence).
-Before and after both stages, also the answer loss with the evidence marginalised over the passage sentences instead
-of fixed to the greedy one (fastrit.tuning.metrics.answer_loss_over_evidence, an upper bound on the model's answer
-loss in whatever format it answers).
+At every point also the answer loss with the model's own evidence marginalised by sampling, the answer right after
+the prompt included (fastrit.tuning.metrics.answer_loss_over_own_evidence: the loss in whichever of the two formats
+the model answers). Before and after both stages, the answer loss with the evidence marginalised over the passage
+sentences (fastrit.tuning.metrics.answer_loss_over_evidence, exact but blind to evidence in the model's own words),
+and the greedy noisy exact match (fastrit.evaluate, the answer after the marker when the model writes one).
 Results: ``benchmarks/results/bench_tune.json``. Run: ``python -m benchmarks.bench_tune``.
 """
 
@@ -40,6 +42,13 @@ def _subset(split: str, n: int) -> data.RagData:
     return data.RagData(full.records.select(range(n)))
 
 
+def _noisy_exact_match(model, tokenizer, dev: data.RagData) -> float:
+    """Greedy exact match on the noisy-context prompts, the answer read after the answer marker when the model writes
+    one (``fastrit.evaluate``, room for evidence before the answer)."""
+    return fastrit.evaluate(model, tokenizer, dev, conditions=("noisy",), max_new_tokens=64,
+                            answer_marker=data.ANSWER_MARKER)["noisy"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few records and steps (a smoke run)")
@@ -56,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = demo.load_model()
     dev = _subset("dev", args.dev_records)
     over_evidence = {"before": answer_loss_over_evidence(model, tokenizer, dev)}
+    exact_match = {"before": _noisy_exact_match(model, tokenizer, dev)}
     seconds = {}
     start = time.perf_counter()
     sets = fastrit.mine(model, tokenizer, _subset("train", args.mine_records), steps=args.mine_steps,
@@ -70,9 +80,11 @@ def main(argv: list[str] | None = None) -> dict:
         seconds["tune"] = time.perf_counter() - start
         losses = json.loads((Path(tmp) / "run" / "eval_loss.json").read_text())
     over_evidence["distill"] = answer_loss_over_evidence(model, tokenizer, dev)
+    exact_match["distill"] = _noisy_exact_match(model, tokenizer, dev)
     summary = fastrit.trainable_summary(model, print_table=False)
     result = {
-        "noisy_answer_loss": losses, "noisy_answer_loss_over_evidence": over_evidence, "seconds": seconds,
+        "noisy_answer_loss": losses, "noisy_answer_loss_over_evidence": over_evidence,
+        "noisy_exact_match": exact_match, "seconds": seconds,
         "target_layers": sets.target_layers,
         "deactivated": summary["total"]["deactivated_neurons"], "trainable_params": summary["total"]["trainable"],
         "settings": vars(args) | {"out": str(args.out)},
@@ -85,8 +97,14 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"after distill, the answer after the model's own evidence: "
           f"{losses['distill']['answer_after_own_evidence']:.4f} (it wrote the answer marker itself in "
           f"{losses['distill']['marker_written']:.0%} of the prompts)")
+    own = {point: losses[point]["answer_over_own_evidence"] for point in ("before", "denoise", "distill")}
+    print(f"the answer loss with the model's own evidence marginalised (sampled; the answer right after the prompt "
+          f"included): before {own['before']:.4f}, after denoise {own['denoise']:.4f}, after distill "
+          f"{own['distill']:.4f}")
     print(f"the answer loss with the evidence marginalised over the passage sentences: before "
           f"{over_evidence['before']:.4f}, after both stages {over_evidence['distill']:.4f}")
+    print(f"noisy exact match (the answer after the marker when the model writes one): before "
+          f"{exact_match['before']:.3f}, after both stages {exact_match['distill']:.3f}")
     print(f"target layers {sets.target_layers}, {result['deactivated']} neurons deactivated, "
           f"{result['trainable_params']:,} trainable; mine {seconds['mine']:.0f} s, tune {seconds['tune']:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,14 @@ from .text import contains_answer, evidence_sentence, normalize_answer
 from .world import synthetic
 
 __all__ = [
-    "ANSWER_MARKER", "CONDITIONS", "FEATURES", "SKIP_REASONS", "RagData", "RagPrompts", "contains_answer",
-    "encode_pair", "evidence", "evidence_target", "load", "normalize_answer", "prompts", "synthetic",
+    "ANSWER_MARKER", "CONDITIONS", "EVIDENCE_MARKER", "FEATURES", "SKIP_REASONS", "RagData", "RagPrompts",
+    "contains_answer", "encode_pair", "evidence", "evidence_target", "load", "normalize_answer", "prompts", "synthetic",
 ]
 
 #: what precedes the answer in an evidence-then-answer target (the evidence comes before it)
 ANSWER_MARKER = "Answer:"
+#: what opens an evidence-then-answer target
+EVIDENCE_MARKER = "Evidence:"
 
 
 def evidence(record: dict) -> str | None:
@@ -28,4 +30,4 @@ def evidence_target(record: dict) -> str | None:
     sentence = evidence(record)
     if sentence is None:
         return None
-    return f"Evidence: {sentence} {ANSWER_MARKER} {record['answers'][0]}"
+    return f"{EVIDENCE_MARKER} {sentence} {ANSWER_MARKER} {record['answers'][0]}"

@@ -4,7 +4,13 @@ answer loss, summarise it, export it as a plain transformers checkpoint, and sha
 from .delta import load_delta, save_delta
 from .export import export
 from .loss import causal_lm_loss
-from .metrics import EvidenceAnswerLoss, answer_loss, answer_loss_after_evidence
+from .metrics import (
+    EvidenceAnswerLoss,
+    answer_loss,
+    answer_loss_after_evidence,
+    answer_loss_over_evidence,
+    answer_loss_over_own_evidence,
+)
 from .plan import MemoryPlan, plan_memory
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, Preparation, prepare
 from .stages import STAGES, stage_data
@@ -12,8 +18,9 @@ from .summary import trainable_summary
 
 __all__ = [
     "QUANTIZE_MODES", "STAGES", "TRAIN_MODES", "EvidenceAnswerLoss", "MemoryPlan", "NeuroRITTrainer", "Preparation",
-    "answer_loss", "answer_loss_after_evidence", "causal_lm_loss", "export", "load_delta", "plan_memory", "prepare",
-    "save_delta", "stage_data", "trainable_summary", "tune",
+    "answer_loss", "answer_loss_after_evidence", "answer_loss_over_evidence", "answer_loss_over_own_evidence",
+    "causal_lm_loss", "export", "load_delta", "plan_memory", "prepare", "save_delta", "stage_data",
+    "trainable_summary", "tune",
 ]
 
 

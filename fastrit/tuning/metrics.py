@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import datasets
@@ -22,13 +23,14 @@ from torch import nn
 
 from .. import data as rag
 from ..arch import max_positions
-from ..data import ANSWER_MARKER, RagData
+from ..data import ANSWER_MARKER, EVIDENCE_MARKER, RagData
 from ..data.text import sentences
 from ..evaluate import greedy_continuations, index_after
 from .loss import causal_lm_loss
 from .stages import IGNORE_INDEX, collate
 
-__all__ = ["EvidenceAnswerLoss", "answer_loss", "answer_loss_after_evidence", "answer_loss_over_evidence"]
+__all__ = ["EvidenceAnswerLoss", "answer_loss", "answer_loss_after_evidence", "answer_loss_over_evidence",
+           "answer_loss_over_own_evidence"]
 
 
 def answer_loss(model: nn.Module, examples, tokenizer, *, batch_size: int = 32) -> float:
@@ -165,7 +167,7 @@ def answer_loss_over_evidence(model: nn.Module, tokenizer, data: RagData, *, k: 
         ways = {tuple(direct + eos)}
         for ctx in record["ctxs"]:
             for sentence in sentences(ctx["text"]):
-                target = f"Evidence: {sentence} {ANSWER_MARKER} {answer}"
+                target = f"{EVIDENCE_MARKER} {sentence} {ANSWER_MARKER} {answer}"
                 ways.add(tuple(rag.encode_pair(tokenizer, text, target)[1] + eos))
         for way in sorted(ways):
             rows.append((prompt, list(way)))
@@ -179,4 +181,97 @@ def answer_loss_over_evidence(model: nn.Module, tokenizer, data: RagData, *, k: 
         model.train(was_training)
     owners = torch.tensor(owner)
     total = -sum(float(torch.logsumexp(logprobs[owners == row], dim=0)) for row in range(len(built)))
+    return total / answer_tokens
+
+
+def _sampled_answer_logprob(model: nn.Module, opened: list[int], answer: list[int], marker: list[int], samples: int,
+                            max_tokens: int, pad: int, eos: int | None, batch_size: int) -> torch.Tensor | None:
+    """``log`` of the mean, over ``samples`` continuations of ``opened`` drawn from the model (temperature 1, at
+    most ``max_tokens``, stopping at ``eos``) and cut just after the first ``marker``, of ``p(answer | opened,
+    continuation)``; a continuation without the marker counts 0. A float64 scalar, or None when no continuation
+    wrote the marker. Draws from the global RNG."""
+    ids = torch.tensor([opened] * samples, device=model.device)
+    with torch.inference_mode():
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                             do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_beams=1, pad_token_id=pad,
+                             eos_token_id=eos)[:, len(opened):].tolist()
+    scored = []
+    for tokens in new:
+        if eos is not None and eos in tokens:
+            tokens = tokens[:tokens.index(eos)]
+        cut = index_after(tokens, marker)
+        if cut >= 0:
+            scored.append((opened + tokens[:cut], answer))
+    if not scored:
+        return None
+    logprobs = torch.tensor(_target_logprobs(model, scored, pad, batch_size), dtype=torch.float64)
+    return torch.logsumexp(logprobs, dim=0) - math.log(samples)
+
+
+def answer_loss_over_own_evidence(model: nn.Module, tokenizer, data: RagData, *, samples: int = 16,
+                                  max_evidence_tokens: int = 64, k: int = 5, template: str | None = None,
+                                  seed: int = 0, batch_size: int = 32) -> float:
+    """The answer loss of a model that may write evidence first, the evidence marginalised over the model's own
+    distribution by sampling: mean cross-entropy per answer token (answer and end token) of ``data``'s noisy-context
+    prompts (those of the two stages: fastrit.data.prompts, condition "noisy", ``k``, ``template``, ``seed``).
+
+    The probability of the gold answer (the first one, with the end token) after a prompt ``x`` sums the two
+    formats the stages train, which are disjoint:
+
+    - ``p(answer | x)``: the answer right after the prompt, exact (teacher forced);
+    - ``p(Evidence: | x) * E_e[p(answer | x, Evidence: e Answer:)]``, the expectation over the model's own
+      continuations of ``x, Evidence:``, cut at the first answer marker. It is estimated by the mean over ``samples``
+      continuations drawn from the model (temperature 1, no top-k or top-p), up to ``max_evidence_tokens`` tokens;
+      a continuation that ends, or runs out of tokens, before it writes the marker contributes 0.
+
+    The probability estimate is unbiased (for evidence within the token budget), so the loss, ``-log`` of it, is
+    conservative: above the true loss in expectation (Jensen), by less as ``samples`` grows. Unlike
+    :func:`answer_loss_over_evidence`, it counts evidence the model writes in its own words, not only the passages'
+    sentences. The draws are seeded by ``seed`` inside a forked RNG, one prompt's ``samples`` continuations per
+    ``generate`` call, so the result is reproducible, does not depend on ``batch_size`` (the scoring batches), and
+    the global RNG is left as it was. The model is put in eval mode and given back in the mode it had.
+
+    Returns the summed loss over the summed number of answer tokens, as :func:`answer_loss` counts them.
+    """
+    for name, value in (("samples", samples), ("max_evidence_tokens", max_evidence_tokens),
+                        ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    positions = max_positions(model.config)
+    answer_room = 16  # the answer and the end token, in tokens
+    max_length = None if positions is None else positions - max_evidence_tokens - answer_room
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_evidence_tokens: {max_evidence_tokens} leaves no room for a prompt in "
+                         f"{positions} positions")
+    built = rag.prompts(data, tokenizer, condition="noisy", k=k, template=template, max_length=max_length,
+                        seed=seed, model=model)
+    if len(built) == 0:
+        raise ValueError(f"data: no noisy-context prompt could be built from {len(data)} records")
+    eos = tokenizer.eos_token_id
+    end = [eos] if eos is not None else []
+    pad = built.pad_token_id
+    marker = rag.encode_pair(tokenizer, built.texts[0], ANSWER_MARKER)[1]
+    total, answer_tokens = 0.0, 0
+    was_training = model.training
+    model.eval()
+    devices = [model.device] if model.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for row in range(len(built)):
+                answer = data.records[built.records[row]]["answers"][0]
+                prompt, direct = rag.encode_pair(tokenizer, built.texts[row], answer)
+                opened = prompt + rag.encode_pair(tokenizer, built.texts[row], EVIDENCE_MARKER)[1]
+                after_marker = rag.encode_pair(tokenizer, ANSWER_MARKER, answer)[1] + end
+                answer_tokens += len(direct) + len(end)
+                direct_lp, opener_lp = _target_logprobs(model, [(prompt, direct + end), (prompt, opened[len(prompt):])],
+                                                        pad, batch_size)
+                ways = [torch.tensor(direct_lp, dtype=torch.float64)]
+                sampled = _sampled_answer_logprob(model, opened, after_marker, marker, samples, max_evidence_tokens,
+                                                  pad, eos, batch_size)
+                if sampled is not None:
+                    ways.append(opener_lp + sampled)
+                total -= float(torch.logsumexp(torch.stack(ways), dim=0))
+    finally:
+        model.train(was_training)
     return total / answer_tokens

@@ -30,7 +30,7 @@ from ..data import RagData
 from ..mining import NeuronSets
 from .delta import save_delta
 from .loss import causal_lm_loss
-from .metrics import answer_loss, answer_loss_after_evidence
+from .metrics import answer_loss, answer_loss_after_evidence, answer_loss_over_own_evidence
 from .prepare import PREPARATION_ATTR, prepare
 from .stages import STAGES, collate, stage_data
 
@@ -163,10 +163,13 @@ def tune(
         callbacks: transformers TrainerCallbacks for every stage's Trainer.
         eval_data: held-out records: the answer loss on their noisy-context prompts, mean per answer token, is
             measured before training and after each stage, logged, and written to ``output_dir/eval_loss.json`` as
-            ``{"before" | "<stage>": {"answer_after_prompt": ...}}`` (the answer right after the prompt: the denoise
-            examples); once the model has been through the distill stage, which teaches it to write its evidence
-            first, also ``"answer_after_own_evidence"`` and ``"marker_written"``
-            (fastrit.tuning.metrics.answer_loss_after_evidence).
+            ``{"before" | "<stage>": {"answer_after_prompt": ..., "answer_over_own_evidence": ...}}``: the answer
+            right after the prompt (the denoise examples), and the answer with the model's own evidence
+            marginalised by sampling, the answer right after the prompt included
+            (fastrit.tuning.metrics.answer_loss_over_own_evidence, 16 samples per prompt): the loss in whichever
+            of the two formats the model answers. Once the model has been through the distill stage, which
+            teaches it to write its evidence first, also ``"answer_after_own_evidence"`` and ``"marker_written"``
+            (the answer after its greedy evidence: fastrit.tuning.metrics.answer_loss_after_evidence).
         prepare_kwargs: passed to :func:`fastrit.prepare` (train, train_layers, deactivate, neurons, ...).
 
     Everything is checked before training starts: unknown stage names, data of the wrong type, records without
@@ -219,8 +222,17 @@ def tune(
             raise ValueError("eval_data: no noisy-context example could be built from it")
     eval_file = output_dir / "eval_loss.json"
     losses = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+    def measure(stages_done: Sequence[str]) -> dict[str, float]:
+        point = {"answer_after_prompt": answer_loss(model, eval_set, tokenizer),
+                 "answer_over_own_evidence": answer_loss_over_own_evidence(model, tokenizer, eval_data, k=k,
+                                                                           template=template, seed=seed)}
+        if "distill" in stages_done:
+            after = answer_loss_after_evidence(model, tokenizer, eval_data, k=k, template=template, seed=seed)
+            point.update(answer_after_own_evidence=after.loss, marker_written=after.marker_written)
+        return point
+
     if eval_set is not None and "before" not in losses:
-        losses["before"] = {"answer_after_prompt": answer_loss(model, eval_set, tokenizer)}
+        losses["before"] = measure(())
         write_text_atomic(eval_file, json.dumps(losses, indent=1))
     for number, stage in enumerate(stages, start=1):
         stage_dir = output_dir / f"{number}-{stage}"
@@ -246,10 +258,7 @@ def tune(
         trainer.train(resume_from_checkpoint=last)
         save_delta(model, done)
         if eval_set is not None:
-            losses[stage] = {"answer_after_prompt": answer_loss(model, eval_set, tokenizer)}
-            if "distill" in stages[:number]:
-                after = answer_loss_after_evidence(model, tokenizer, eval_data, k=k, template=template, seed=seed)
-                losses[stage].update(answer_after_own_evidence=after.loss, marker_written=after.marker_written)
+            losses[stage] = measure(stages[:number])
             write_text_atomic(eval_file, json.dumps(losses, indent=1))
             transformers.logging.get_logger(__name__).warning(f"fastrit.tune: noisy-context answer loss {losses}")
     return model

@@ -20,7 +20,9 @@ def test_tune_on_mined_sets_and_export(tmp_path, capsys):
     assert main(argv) == 0
     losses = json.loads((out / "eval_loss.json").read_text())
     assert set(losses) == {"before", "denoise", "distill"}
-    assert set(losses["distill"]) == {"answer_after_prompt", "answer_after_own_evidence", "marker_written"}
+    assert set(losses["before"]) == set(losses["denoise"]) == {"answer_after_prompt", "answer_over_own_evidence"}
+    assert set(losses["distill"]) == {"answer_after_prompt", "answer_over_own_evidence", "answer_after_own_evidence",
+                                      "marker_written"}
     assert (out / "1-denoise" / "delta.safetensors").is_file() and (out / "2-distill" / "delta.safetensors").is_file()
     assert (tmp_path / "export" / "config.json").is_file()
     assert "noisy-context answer loss" in capsys.readouterr().out
