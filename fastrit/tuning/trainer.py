@@ -162,7 +162,8 @@ def tune(
         loss_chunk_size: positions per pass through the output head (fastrit.tuning.causal_lm_loss).
         callbacks: transformers TrainerCallbacks for every stage's Trainer.
         eval_data: held-out records: the answer loss on their noisy-context prompts, mean per answer token, is
-            measured before training and after each stage, logged, and written to ``output_dir/eval_loss.json`` as
+            measured before training (on the model as given, before prepare deactivates neurons and quantizes) and
+            after each stage, logged, and written to ``output_dir/eval_loss.json`` as
             ``{"before" | "<stage>": {"answer_after_prompt": ..., "answer_over_own_evidence": ...}}``: the answer
             right after the prompt (the denoise examples), and the answer with the model's own evidence
             marginalised by sampling, the answer right after the prompt included
@@ -208,12 +209,6 @@ def tune(
             raise ValueError(f"output_dir: {output_dir} holds a run with other settings; use another folder")
     elif output_dir.exists() and any(output_dir.iterdir()):
         raise ValueError(f"output_dir: {output_dir} is not empty and holds no fastrit run")
-    if getattr(model, PREPARATION_ATTR, None) is None:
-        prepare(model, neuron_sets, **prepare_kwargs)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_file, json.dumps({"fingerprint": _fingerprint(settings), "settings": settings},
-                                           indent=1, default=str))
-    cuda = next(model.parameters()).is_cuda
     eval_set = None
     if eval_data is not None:
         eval_set = stage_data(eval_data, tokenizer, "denoise", k=k, template=template, max_length=max_length,
@@ -222,6 +217,7 @@ def tune(
             raise ValueError("eval_data: no noisy-context example could be built from it")
     eval_file = output_dir / "eval_loss.json"
     losses = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
+
     def measure(stages_done: Sequence[str]) -> dict[str, float]:
         point = {"answer_after_prompt": answer_loss(model, eval_set, tokenizer),
                  "answer_over_own_evidence": answer_loss_over_own_evidence(model, tokenizer, eval_data, k=k,
@@ -232,8 +228,15 @@ def tune(
         return point
 
     if eval_set is not None and "before" not in losses:
-        losses["before"] = measure(())
+        losses["before"] = measure(())  # the model as given: before prepare deactivates and quantizes
+    if getattr(model, PREPARATION_ATTR, None) is None:
+        prepare(model, neuron_sets, **prepare_kwargs)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_file, json.dumps({"fingerprint": _fingerprint(settings), "settings": settings},
+                                           indent=1, default=str))
+    if eval_set is not None:
         write_text_atomic(eval_file, json.dumps(losses, indent=1))
+    cuda = next(model.parameters()).is_cuda
     for number, stage in enumerate(stages, start=1):
         stage_dir = output_dir / f"{number}-{stage}"
         done = stage_dir / "delta.safetensors"

@@ -110,6 +110,12 @@ def test_bad_input_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="^output_dir"):
         fastrit.tune(model, tokenizer, _records(8), output_dir=other, train_layers=[1])
     assert getattr(model, "fastrit_preparation", None) is None  # nothing was prepared
+    # with eval_data the loss before training is measured on the model as given; prepare's refusal still leaves
+    # no folder behind and the model unprepared
+    with pytest.raises(ValueError, match="train_layers"):
+        fastrit.tune(model, tokenizer, _records(8), output_dir=tmp_path / "h", train_layers=[7], deactivate=None,
+                     eval_data=_records(2, "dev"))
+    assert not (tmp_path / "h").exists() and getattr(model, "fastrit_preparation", None) is None
     _tune(tmp_path / "f", stages=("denoise",), max_steps=1)
     with pytest.raises(ValueError, match="^output_dir"):
         _tune(tmp_path / "f", stages=("denoise",), max_steps=2)
