@@ -42,11 +42,11 @@ def _subset(split: str, n: int) -> data.RagData:
     return data.RagData(full.records.select(range(n)))
 
 
-def _noisy_exact_match(model, tokenizer, dev: data.RagData) -> float:
+def _noisy_exact_match(model, tokenizer, dev: data.RagData, seed: int) -> float:
     """Greedy exact match on the noisy-context prompts, the answer read after the answer marker when the model writes
     one (``fastrit.evaluate``, room for evidence before the answer)."""
     return fastrit.evaluate(model, tokenizer, dev, conditions=("noisy",), max_new_tokens=64,
-                            answer_marker=data.ANSWER_MARKER)["noisy"]
+                            answer_marker=data.ANSWER_MARKER, seed=seed)["noisy"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,15 +57,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-records", type=int, default=4000)
     parser.add_argument("--dev-records", type=int, default=300, help="at most the dev split's 300")
     parser.add_argument("--steps", type=int, default=150, help="optimizer steps per stage")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="tune's seed (data order) and the passage order of every prompt")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.quick:
         args.mine_records, args.mine_steps, args.train_records, args.dev_records, args.steps = 16, 2, 64, 16, 2
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     model, tokenizer = demo.load_model()
     dev = _subset("dev", args.dev_records)
-    over_evidence = {"before": answer_loss_over_evidence(model, tokenizer, dev)}
-    exact_match = {"before": _noisy_exact_match(model, tokenizer, dev)}
+    over_evidence = {"before": answer_loss_over_evidence(model, tokenizer, dev, seed=args.seed)}
+    exact_match = {"before": _noisy_exact_match(model, tokenizer, dev, args.seed)}
     seconds = {}
     start = time.perf_counter()
     sets = fastrit.mine(model, tokenizer, _subset("train", args.mine_records), steps=args.mine_steps,
@@ -75,12 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         fastrit.tune(model, tokenizer, _subset("train", args.train_records), sets, output_dir=Path(tmp) / "run",
                      max_steps=args.steps, batch_size=16, learning_rate=1e-3, warmup=0.1, save_steps=10**6,
-                     logging_steps=max(1, args.steps // 5), eval_data=dev,
+                     logging_steps=max(1, args.steps // 5), eval_data=dev, seed=args.seed,
                      progress=False)
         seconds["tune"] = time.perf_counter() - start
         losses = json.loads((Path(tmp) / "run" / "eval_loss.json").read_text())
-    over_evidence["distill"] = answer_loss_over_evidence(model, tokenizer, dev)
-    exact_match["distill"] = _noisy_exact_match(model, tokenizer, dev)
+    over_evidence["distill"] = answer_loss_over_evidence(model, tokenizer, dev, seed=args.seed)
+    exact_match["distill"] = _noisy_exact_match(model, tokenizer, dev, args.seed)
     summary = fastrit.trainable_summary(model, print_table=False)
     result = {
         "noisy_answer_loss": losses, "noisy_answer_loss_over_evidence": over_evidence,
@@ -109,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{result['trainable_params']:,} trainable; mine {seconds['mine']:.0f} s, tune {seconds['tune']:.0f} s")
     args.out.mkdir(parents=True, exist_ok=True)
     name = "bench_tune_quick.json" if args.quick else "bench_tune.json"
+    if args.seed != 0:
+        name = name.replace(".json", f"_seed{args.seed}.json")
     (args.out / name).write_text(json.dumps(result, indent=1) + "\n")
     return result
 
