@@ -63,6 +63,23 @@ class EvidenceAnswerLoss(NamedTuple):
     marker_written: float
 
 
+def _prompts_with_room(model: nn.Module, tokenizer, data: RagData, max_evidence_tokens: int, k: int,
+                       template: str | None, seed: int) -> rag.RagPrompts:
+    """``data``'s noisy-context prompts (those of the two stages), short enough to leave ``max_evidence_tokens``
+    and the answer room in the model's positions; refuses a budget that leaves none, and data that gives none."""
+    positions = max_positions(model.config)
+    answer_room = 16  # the answer and the end token, in tokens
+    max_length = None if positions is None else positions - max_evidence_tokens - answer_room
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_evidence_tokens: {max_evidence_tokens} leaves no room for a prompt in "
+                         f"{positions} positions")
+    built = rag.prompts(data, tokenizer, condition="noisy", k=k, template=template, max_length=max_length,
+                        seed=seed)
+    if len(built) == 0:
+        raise ValueError(f"data: no noisy-context prompt could be built from {len(data)} records")
+    return built
+
+
 def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k: int = 5,
                                template: str | None = None, seed: int = 0, max_evidence_tokens: int = 64,
                                batch_size: int = 32) -> EvidenceAnswerLoss:
@@ -76,16 +93,7 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
     """
     if not isinstance(max_evidence_tokens, int) or max_evidence_tokens < 1:
         raise ValueError(f"max_evidence_tokens: expected a positive integer, got {max_evidence_tokens!r}")
-    positions = max_positions(model.config)
-    answer_room = 16  # the answer and the end token, in tokens
-    max_length = None if positions is None else positions - max_evidence_tokens - answer_room
-    if max_length is not None and max_length < 1:
-        raise ValueError(f"max_evidence_tokens: {max_evidence_tokens} leaves no room for a prompt in "
-                         f"{positions} positions")
-    built = rag.prompts(data, tokenizer, condition="noisy", k=k, template=template, max_length=max_length,
-                        seed=seed)
-    if len(built) == 0:
-        raise ValueError(f"data: no noisy-context prompt could be built from {len(data)} records")
+    built = _prompts_with_room(model, tokenizer, data, max_evidence_tokens, k, template, seed)
     marker = rag.encode_pair(tokenizer, built.texts[0], ANSWER_MARKER)[1]
     eos = tokenizer.eos_token_id
     rows: dict[str, list] = {"input_ids": [], "labels": []}
@@ -237,16 +245,7 @@ def answer_loss_over_own_evidence(model: nn.Module, tokenizer, data: RagData, *,
                         ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    positions = max_positions(model.config)
-    answer_room = 16  # the answer and the end token, in tokens
-    max_length = None if positions is None else positions - max_evidence_tokens - answer_room
-    if max_length is not None and max_length < 1:
-        raise ValueError(f"max_evidence_tokens: {max_evidence_tokens} leaves no room for a prompt in "
-                         f"{positions} positions")
-    built = rag.prompts(data, tokenizer, condition="noisy", k=k, template=template, max_length=max_length,
-                        seed=seed, model=model)
-    if len(built) == 0:
-        raise ValueError(f"data: no noisy-context prompt could be built from {len(data)} records")
+    built = _prompts_with_room(model, tokenizer, data, max_evidence_tokens, k, template, seed)
     eos = tokenizer.eos_token_id
     end = [eos] if eos is not None else []
     pad = built.pad_token_id
