@@ -9,7 +9,11 @@
 - :func:`answer_loss_over_evidence`: the answer's likelihood under a model that may write evidence first, with the
   evidence marginalised rather than fixed to the greedy one: ``-log(p(answer) + sum_s p(Evidence: s Answer:
   answer))`` over the record's passage sentences ``s``. These are disjoint ways of writing the answer, so the sum
-  is a lower bound on the model's probability of answering it, and the loss an upper bound on its answer loss.
+  is a lower bound on the model's probability of answering it, and the loss an upper bound on its answer loss;
+  evidence the model writes in its own words is not counted.
+- :func:`answer_loss_over_own_evidence`: the same likelihood with the evidence marginalised over the model's own
+  distribution, by sampling: ``-log(p(answer) + p(Evidence:) * mean_e p(answer | Evidence: e Answer:))`` with
+  ``e`` drawn from the model. The answer loss in whichever of the two trained formats the model answers.
 """
 
 from __future__ import annotations
@@ -253,10 +257,12 @@ def answer_loss_over_own_evidence(model: nn.Module, tokenizer, data: RagData, *,
     total, answer_tokens = 0.0, 0
     was_training = model.training
     model.eval()
-    devices = [model.device] if model.device.type == "cuda" else []
+    cuda = model.device.type == "cuda"
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        # only the generator that draws (the CPU's, or the model's GPU's) is seeded, and it is restored on exit
+        with torch.random.fork_rng(devices=[model.device] if cuda else []):
+            generator = torch.cuda.default_generators[model.device.index or 0] if cuda else torch.default_generator
+            generator.manual_seed(seed)
             for row in range(len(built)):
                 answer = data.records[built.records[row]]["answers"][0]
                 prompt, direct = rag.encode_pair(tokenizer, built.texts[row], answer)
