@@ -90,7 +90,7 @@ def test_a_run_interrupted_in_stage_two_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(param, resumed.get_parameter(name)), name
 
 
-def test_bad_input_is_refused_before_training(tmp_path):
+def test_bad_input_is_refused_before_training(tmp_path, monkeypatch):
     model, tokenizer = demo.load_model()
     with pytest.raises(ValueError, match="^stages"):
         fastrit.tune(model, tokenizer, _records(8), output_dir=tmp_path / "a", stages=("denoise", "polish"),
@@ -110,12 +110,21 @@ def test_bad_input_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match="^output_dir"):
         fastrit.tune(model, tokenizer, _records(8), output_dir=other, train_layers=[1])
     assert getattr(model, "fastrit_preparation", None) is None  # nothing was prepared
-    # with eval_data the loss before training is measured on the model as given; prepare's refusal still leaves
-    # no folder behind and the model unprepared
-    with pytest.raises(ValueError, match="train_layers"):
-        fastrit.tune(model, tokenizer, _records(8), output_dir=tmp_path / "h", train_layers=[7], deactivate=None,
-                     eval_data=_records(2, "dev"))
-    assert not (tmp_path / "h").exists() and getattr(model, "fastrit_preparation", None) is None
+    # with eval_data the loss before training is measured on the model as given, but prepare's checks come first:
+    # a refusal costs no evaluation, leaves no folder behind and the model unprepared
+    def no_eval(*args, **kwargs):
+        raise AssertionError("evaluated before prepare's checks")
+
+    monkeypatch.setattr("fastrit.tuning.trainer.answer_loss", no_eval)
+    monkeypatch.setattr("fastrit.tuning.trainer.answer_loss_over_own_evidence", no_eval)
+    for bad, message in (({"train_layers": [7], "deactivate": None}, "^train_layers"),
+                         ({"train_layers": [1], "deactivate": {0: [4096]}}, "^deactivate"),
+                         ({"train_layers": [1], "train": "everything"}, "^train"),
+                         ({"train_layers": [1], "quantize_frozen": "int3"}, "^quantize_frozen")):
+        with pytest.raises(ValueError, match=message):
+            fastrit.tune(model, tokenizer, _records(8), output_dir=tmp_path / "h", eval_data=_records(2, "dev"),
+                         **bad)
+        assert not (tmp_path / "h").exists() and getattr(model, "fastrit_preparation", None) is None
     _tune(tmp_path / "f", stages=("denoise",), max_steps=1)
     with pytest.raises(ValueError, match="^output_dir"):
         _tune(tmp_path / "f", stages=("denoise",), max_steps=2)
