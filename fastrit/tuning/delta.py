@@ -25,7 +25,7 @@ from torch import nn
 from .._io import atomic_path
 from ..arch import decoder_layers, linear_in_features
 from ..nn.mlp_layout import mlp_layout
-from .prepare import PREPARATION_ATTR, meta_copy, prepare
+from .prepare import PREPARATION_ATTR, prepare, prepare_on_meta
 
 __all__ = ["load_delta", "save_delta"]
 
@@ -132,8 +132,7 @@ def load_delta(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def _expected_parameters(base_model: nn.Module, kwargs: dict) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the trainable parameters ``prepare(base_model, **kwargs)`` would create."""
-    skeleton = meta_copy(base_model)
+    skeleton = prepare_on_meta(base_model, **kwargs)
     if skeleton is None:
         raise ValueError(f"base_model: cannot rebuild {type(base_model).__name__} from its config to check the delta")
-    prepare(skeleton, **{**kwargs, "quantize_frozen": None, "gradient_checkpointing": False})
     return {name: tuple(p.shape) for name, p in skeleton.named_parameters() if p.requires_grad}

@@ -230,6 +230,19 @@ def meta_copy(model: nn.Module) -> nn.Module | None:
         return None
 
 
+def prepare_on_meta(model: nn.Module, neuron_sets: NeuronSets | None = None, **kwargs) -> nn.Module | None:
+    """:func:`prepare` with these arguments, applied to a copy of ``model`` on the meta device (:func:`meta_copy`):
+    every argument is checked and the copy holds the parameters preparation creates, with nothing allocated and
+    ``model`` untouched. NF4 needs real weights, so ``quantize_frozen="nf4"`` is left out (any other value is
+    checked as given), and so is gradient checkpointing. None where the model cannot be rebuilt from its config."""
+    skeleton = meta_copy(model)
+    if skeleton is None:
+        return None
+    quantize = kwargs.get("quantize_frozen", "nf4")
+    return prepare(skeleton, neuron_sets, **{**kwargs, "quantize_frozen": None if quantize == "nf4" else quantize,
+                                             "gradient_checkpointing": False})
+
+
 def _modify(model: nn.Module, *, layout: MLPLayout, deactivated: dict, trainable: dict, kept: dict, train: str,
             train_layers: list[int], lora_config, quantize: bool) -> dict | None:
     """Freeze, rebuild the MLPs, add LoRA and quantize (the checked plan of :func:`prepare`); the LoRA config

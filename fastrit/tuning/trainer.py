@@ -31,7 +31,7 @@ from ..mining import NeuronSets
 from .delta import save_delta
 from .loss import causal_lm_loss
 from .metrics import answer_loss, answer_loss_after_evidence, answer_loss_over_own_evidence
-from .prepare import PREPARATION_ATTR, meta_copy, prepare
+from .prepare import PREPARATION_ATTR, prepare, prepare_on_meta
 from .stages import STAGES, collate, stage_data
 
 __all__ = ["DELTA_NAME", "NeuroRITTrainer", "OPTIMIZERS", "tune"]
@@ -229,12 +229,8 @@ def tune(
 
     unprepared = getattr(model, PREPARATION_ATTR, None) is None
     if eval_set is not None and "before" not in losses:
-        if unprepared:  # prepare's checks first, rehearsed on a copy on the meta device, so bad input costs no eval
-            skeleton = meta_copy(model)
-            if skeleton is not None:  # NF4 needs real weights; any other quantize_frozen is checked as given
-                quantize = prepare_kwargs.get("quantize_frozen", "nf4")
-                prepare(skeleton, neuron_sets, **{**prepare_kwargs, "quantize_frozen": None if quantize == "nf4"
-                                                  else quantize, "gradient_checkpointing": False})
+        if unprepared:  # prepare's checks first, on a meta copy, so bad input costs no evaluation
+            prepare_on_meta(model, neuron_sets, **prepare_kwargs)
         losses["before"] = measure(())  # the model as given: before prepare deactivates and quantizes
     if unprepared:
         prepare(model, neuron_sets, **prepare_kwargs)
