@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from ._common import (
@@ -117,6 +118,8 @@ def run_tune(args: argparse.Namespace) -> None:
                  warmup=args.warmup, max_steps=args.max_steps, optimizer=args.optimizer, save_steps=args.save_steps,
                  logging_steps=args.logging_steps, seed=args.seed, k=args.k, template=args.template,
                  max_length=args.max_length, progress=not args.no_progress, eval_data=eval_data, **prepare_kwargs)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, process 0 reports and exports
+        return
     fastrit.trainable_summary(model)
     losses = Path(args.out) / "eval_loss.json"
     if losses.is_file():

@@ -81,6 +81,24 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
+def _final_hidden_states(model: nn.Module, inner: nn.Module, input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The decoder's final-normed hidden states ``[B, T, D]``, taken from the decoder's output during a forward
+    through ``model`` itself with the head applied to no position (``logits_to_keep``): a wrapper around the model
+    (``inner`` is the model) sees the forward, and DistributedDataParallel synchronises gradients only for forwards
+    that go through it."""
+    # use_cache=False: a training forward has no use for a key/value cache (it would hold every layer's keys and
+    # values for the whole step)
+    captured = []
+    handle = inner.base_model.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+              logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, *, chunk_size: int | None = None,
                    num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
@@ -88,7 +106,9 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
 
     Args:
         model: a transformers causal LM (``model.base_model`` gives the final-normed hidden states and
-            ``get_output_embeddings()`` the head; Gemma2/3 logit soft-capping is applied as their forward does).
+            ``get_output_embeddings()`` the head; Gemma2/3 logit soft-capping is applied as their forward does),
+            or such a model in a DistributedDataParallel wrapper (as the Trainer wraps it under torchrun), which
+            is then run through the wrapper's forward.
         input_ids: ``[B, T]`` int64; ``labels``: ``[B, T]`` int64, ``-100`` where no loss is taken; position
             ``t``'s hidden state predicts ``labels[:, t + 1]`` (the shift transformers applies).
         attention_mask: ``[B, T]`` or None.
@@ -103,17 +123,16 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     if input_ids.shape != labels.shape or input_ids.dim() != 2:
         raise ValueError(f"labels: expected the shape of input_ids [B, T] {list(input_ids.shape)}, "
                          f"got {list(labels.shape)}")
-    head = model.get_output_embeddings()
+    inner = getattr(model, "module", model)  # a DistributedDataParallel wrapper keeps the model as .module
+    head = inner.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise TypeError(f"model: expected an nn.Linear output head, got {type(head).__name__}")
     if chunk_size is None:
         chunk_size = max(1, CHUNK_LOGITS // head.out_features)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    # use_cache=False: a training forward has no use for a key/value cache (it would hold every layer's keys and
-    # values for the whole step)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    hidden = _final_hidden_states(model, inner, input_ids, attention_mask)
     targets = labels[:, 1:]
     picked = targets != IGNORE_INDEX
     hidden = hidden[:, :-1][picked]  # [N, D]: only the positions that predict a label
