@@ -105,10 +105,11 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     """Mean next-token cross-entropy over the labelled positions, as transformers' causal-LM loss.
 
     Args:
-        model: a transformers causal LM (``model.base_model`` gives the final-normed hidden states and
-            ``get_output_embeddings()`` the head; Gemma2/3 logit soft-capping is applied as their forward does),
-            or such a model in a DistributedDataParallel wrapper (as the Trainer wraps it under torchrun), which
-            is then run through the wrapper's forward.
+        model: a transformers causal LM whose forward takes ``logits_to_keep`` (every family fastrit supports),
+            or such a model in a DistributedDataParallel wrapper (as the Trainer wraps it under torchrun). It is
+            run through its own forward with the head applied to no position; the final-normed hidden states are
+            taken from its decoder (``base_model``) and the head is ``get_output_embeddings()``. Gemma2/3 logit
+            soft-capping is applied as their forward does.
         input_ids: ``[B, T]`` int64; ``labels``: ``[B, T]`` int64, ``-100`` where no loss is taken; position
             ``t``'s hidden state predicts ``labels[:, t + 1]`` (the shift transformers applies).
         attention_mask: ``[B, T]`` or None.
