@@ -1,9 +1,9 @@
-"""The embedded reader on its synthetic test split: exact match per context condition (k = 5).
+"""The embedded reader on its synthetic test split: exact match and accuracy per context condition (k = 5).
 
 Run: ``python -m benchmarks.bench_reader`` (after ``python -m fastrit.demo.pretrain``). Writes
-``benchmarks/results/bench_reader_<split>.json`` with EM per condition, how often the reader answers "unknown"
-(``fastrit.demo.ABSTAIN``: it was tuned for negative rejection) per condition, the number of questions, the model's
-size and the machine and versions.
+``benchmarks/results/bench_reader_<split>.json`` with EM per condition, fastrit.evaluate's scores per condition
+(accuracy, em, f1, abstain, n), how often the reader answers exactly "unknown" (``fastrit.demo.ABSTAIN``: it was
+tuned for negative rejection) per condition, the number of questions, the model's size and the machine and versions.
 """
 
 from __future__ import annotations
@@ -36,11 +36,12 @@ def main() -> None:
     scores, predictions = fastrit.evaluate(
         model, tokenizer, records, conditions=tuple(args.conditions.split(",")), k=5, batch_size=64,
         max_new_tokens=48, progress=True, answer_marker=data.ANSWER_MARKER, return_predictions=True)
+    em = {condition: row["em"] for condition, row in scores.items()}
     folder_bytes = sum(p.stat().st_size for p in demo.READER_DIR.iterdir())
     result = {
         "split": args.split, "questions": len(records), "k": 5, "max_new_tokens": 48,
-        "answer_marker": data.ANSWER_MARKER, "em": scores, "abstained": demo.abstained(predictions),
-        "gap_relevant_minus_noisy": scores.get("relevant", float("nan")) - scores.get("noisy", float("nan")),
+        "answer_marker": data.ANSWER_MARKER, "em": em, "scores": scores, "abstained": demo.abstained(predictions),
+        "gap_relevant_minus_noisy": em.get("relevant", float("nan")) - em.get("noisy", float("nan")),
         "parameters": sum(p.numel() for p in model.parameters()), "reader_folder_bytes": folder_bytes,
         "seconds": round(time.time() - start, 1),
         "machine": {"python": platform.python_version(), "torch": torch.__version__,

@@ -46,7 +46,7 @@ def _noisy_exact_match(model, tokenizer, dev: data.RagData, seed: int) -> float:
     """Greedy exact match on the noisy-context prompts, the answer read after the answer marker when the model writes
     one (``fastrit.evaluate``, room for evidence before the answer)."""
     return fastrit.evaluate(model, tokenizer, dev, conditions=("noisy",), max_new_tokens=64,
-                            answer_marker=data.ANSWER_MARKER, seed=seed)["noisy"]
+                            answer_marker=data.ANSWER_MARKER, seed=seed)["noisy"]["em"]
 
 
 def main(argv: list[str] | None = None) -> dict:

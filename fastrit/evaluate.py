@@ -1,4 +1,19 @@
-"""Exact match of greedy answers per context condition: how much irrelevant passages hurt a reader."""
+"""Greedy answers per context condition, scored as RAG robustness papers score them: how much irrelevant passages
+hurt a reader.
+
+Per condition (relevant, noisy, irrelevant passages; :func:`fastrit.data.prompts`), every kept record's greedy
+answer is scored against its gold answers on SQuAD-normalised text (:mod:`fastrit.data.scoring`):
+
+- ``accuracy``: a gold answer is contained in the answer (``fastrit.data.contains_answer``), what RAG robustness
+  papers report; an instruct model that answers "The language of Lumamu is Paboish." earns it;
+- ``em``: exact match, the answer equals a gold answer;
+- ``f1``: SQuAD's token F1, the best over the gold answers;
+- ``abstain``: the share of answers that decline (``fastrit.data.abstains``: "unknown", "I don't know", ...).
+
+Generation stops at every token that ends a turn (``fastrit.data.turns.stop_token_ids``: the end-of-sequence
+token, the model's ``generation_config.eos_token_id`` and a chat template's end-of-turn token), so a chat model
+stops after its answer.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +23,21 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import max_positions
-from .data import RagData, encode_pair, normalize_answer, prompts
+from .data import RagData, abstains, contains_answer, encode_pair, exact_match, prompts, token_f1
+from .data.turns import stop_token_ids
 
-__all__ = ["evaluate", "index_after"]
+__all__ = ["METRICS", "evaluate", "index_after"]
 
 logger = logging.getLogger("fastrit.evaluate")
 
+#: the keys of each condition's scores (``n``: the records scored)
+METRICS = ("accuracy", "em", "f1", "abstain", "n")
+
 
 def greedy_continuations(model, batch: dict[str, torch.Tensor], max_new_tokens: int, pad: int,
-                         eos: int | None) -> torch.Tensor:
-    """The new tokens ``[n, <= max_new_tokens]`` of greedy generation from left-padded prompts."""
+                         eos: int | list[int] | None) -> torch.Tensor:
+    """The new tokens ``[n, <= max_new_tokens]`` of greedy generation from left-padded prompts; ``eos``: the token
+    id, or ids, that end generation (a finished row is filled with ``pad``)."""
     input_ids = batch["input_ids"].to(model.device)
     out = model.generate(
         input_ids=input_ids,
@@ -39,6 +59,52 @@ def index_after(sequence: list[int], part: list[int]) -> int:
     return -1
 
 
+def _marker_variants(tokenizer, prompt: str, marker: str) -> list[list[int]]:
+    """The token ids of ``marker`` as a model writes it: right after ``prompt`` (no space after a chat template's
+    assistant header, :func:`fastrit.data.encode_pair`) and after a word (one space before it), without repeats."""
+    variants = []
+    for before in (prompt, prompt.rstrip() or prompt):
+        ids = encode_pair(tokenizer, before, marker)[1]
+        if ids and ids not in variants:
+            variants.append(ids)
+    return variants
+
+
+def _after_marker(tokens: list[int], variants: list[list[int]]) -> list[int]:
+    """``tokens`` after the earliest occurrence of any marker variant; all of them when there is none."""
+    ends = []
+    for ids in variants:
+        end = index_after(tokens, ids)
+        if end >= 0:
+            ends.append((end - len(ids), end))
+    return tokens[min(ends)[1]:] if ends else tokens
+
+
+def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+    """``tokens`` up to the first stop token (what follows it is padding)."""
+    for index, token in enumerate(tokens):
+        if token in stops:
+            return tokens[:index]
+    return tokens
+
+
+def score_answer(prediction: str, answers: list[str]) -> dict[str, bool | float]:
+    """One answer's scores: ``correct`` (exact match), ``contains`` (accuracy), ``f1`` and ``abstained``."""
+    return {"correct": exact_match(prediction, answers), "contains": contains_answer(prediction, answers),
+            "f1": token_f1(prediction, answers), "abstained": abstains(prediction)}
+
+
+def summarize(rows: list[dict]) -> dict[str, float | int]:
+    """A condition's scores from its prediction rows: the means of the rows' flags and F1 (NaN without rows)."""
+    n = len(rows)
+
+    def mean(key: str) -> float:
+        return sum(float(row[key]) for row in rows) / n if n else float("nan")
+
+    return {"accuracy": mean("contains"), "em": mean("correct"), "f1": mean("f1"), "abstain": mean("abstained"),
+            "n": n}
+
+
 def evaluate(
     model,
     tokenizer,
@@ -53,34 +119,54 @@ def evaluate(
     progress: bool = False,
     return_predictions: bool = False,
     answer_marker: str | None = None,
+    stop_at_newline: bool = False,
 ):
-    """Exact match (SQuAD-normalised, against any answer) of ``model``'s greedy answer per condition.
+    """Accuracy, exact match, token F1 and abstention of ``model``'s greedy answers per condition.
 
     Each condition's prompts come from :func:`fastrit.data.prompts` (``k``, ``template``, ``seed``), bounded so
     that prompt and ``max_new_tokens`` fit the model's maximum positions; records it skips are left out of that
-    condition's score (and logged). Batches of ``batch_size`` left-padded prompts go
-    through ``model.generate``; the answer is the generated text up to the end-of-sequence token. The model is
-    put in eval mode while generating and given back in the mode it had.
+    condition's score (and logged). ``template=None`` asks with the tokenizer's chat template when it has one (an
+    instruct model is asked as it was tuned to be asked), else with ``fastrit.data.prompts.DEFAULT_TEMPLATE``;
+    ``"chat"`` or a format string with ``{passages}`` and ``{question}`` choose. Batches of ``batch_size``
+    left-padded prompts go through ``model.generate``, which stops a row at any of
+    ``fastrit.data.turns.stop_token_ids(tokenizer, model)`` (end of sequence, the model's generation config, a chat
+    template's end of turn); the answer is the generated text before that token, stripped of surrounding
+    whitespace. The model is put in eval mode while generating and given back in the mode it had.
 
     ``answer_marker``: for a model that writes something before its answer (Neuro-RIT's distill stage teaches
     ``Evidence: ... Answer: ...``; pass ``fastrit.data.ANSWER_MARKER``), the answer is what follows the first
-    marker in the generated tokens; a continuation without the marker is scored as it is. Give
+    marker in the generated tokens, tokenized either as it would follow the prompt directly (no space after a chat
+    template's ``assistant\n``) or as it follows a word; a continuation without the marker is scored as it is. Give
     ``max_new_tokens`` room for what comes before the answer.
 
-    Returns ``{condition: EM}``; with ``return_predictions=True``, ``(scores, predictions)`` where
-    ``predictions[condition]`` lists ``{"record", "prediction", "answers", "correct"}`` per kept record.
+    ``stop_at_newline``: the answer ends at its first newline (after the marker, leading whitespace stripped first),
+    for a model that goes on after a one-line answer. Generation itself does not stop there (the tokens are still
+    generated up to a stop token or ``max_new_tokens``): a newline before the marker or before the answer must not
+    end it.
+
+    Returns ``{condition: {"accuracy", "em", "f1", "abstain", "n"}}``: the share of answers containing a gold
+    answer (``fastrit.data.contains_answer``), equal to one (exact match), their mean token F1
+    (``fastrit.data.token_f1``), the share that abstain (``fastrit.data.abstains``), all floats, all SQuAD-normalised
+    and against any gold answer; and ``n``, the number of records scored (an int; the four are NaN when it is 0).
+    With ``return_predictions=True``, ``(scores, predictions)`` where ``predictions[condition]`` lists
+    ``{"record", "prediction", "answers", "correct", "contains", "f1", "abstained"}`` per kept record
+    (``correct``: exact match; ``contains``: accuracy).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
+    if answer_marker is not None and (not isinstance(answer_marker, str) or not answer_marker):
+        raise ValueError(f"answer_marker: expected a non-empty string or None, got {answer_marker!r}")
     if isinstance(conditions, str):
         conditions = (conditions,)
     positions = max_positions(model.config)
     max_length = None if positions is None else positions - max_new_tokens
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt in {positions} positions")
-    scores: dict[str, float] = {}
+    stops = stop_token_ids(tokenizer, model)
+    stop_set = set(stops)
+    scores: dict[str, dict[str, float | int]] = {}
     predictions: dict[str, list[dict]] = {}
     was_training = model.training
     model.eval()
@@ -91,24 +177,25 @@ def evaluate(
             if batch_prompts.skipped:
                 logger.info("fastrit.evaluate %s: skipped %s", condition, batch_prompts.skipped)
             rows = []
-            marker = (encode_pair(tokenizer, batch_prompts.texts[0], answer_marker)[1]
-                      if answer_marker is not None and len(batch_prompts) else None)
+            markers = (_marker_variants(tokenizer, batch_prompts.texts[0], answer_marker)
+                       if answer_marker is not None and len(batch_prompts) else None)
             starts = range(0, len(batch_prompts), batch_size)
             for start in tqdm(starts, desc=f"evaluate {condition}", disable=not progress):
                 span = range(start, min(start + batch_size, len(batch_prompts)))
                 with torch.inference_mode():
                     new = greedy_continuations(model, batch_prompts.tensors(span), max_new_tokens,
-                                               batch_prompts.pad_token_id, tokenizer.eos_token_id)
+                                               batch_prompts.pad_token_id, stops or None)
                 for row, tokens in zip(span, new.tolist(), strict=True):
-                    if marker is not None:
-                        end = index_after(tokens, marker)
-                        tokens = tokens[end:] if end >= 0 else tokens
+                    tokens = _until_stop(tokens, stop_set)
+                    if markers:
+                        tokens = _after_marker(tokens, markers)
                     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                    if stop_at_newline:
+                        text = text.split("\n", 1)[0].strip()
                     answers = data.records[batch_prompts.records[row]]["answers"]
-                    correct = normalize_answer(text) in {normalize_answer(a) for a in answers}
                     rows.append({"record": batch_prompts.records[row], "prediction": text, "answers": answers,
-                                 "correct": correct})
-            scores[condition] = sum(r["correct"] for r in rows) / len(rows) if rows else float("nan")
+                                 **score_answer(text, answers)})
+            scores[condition] = summarize(rows)
             predictions[condition] = rows
     finally:
         model.train(was_training)

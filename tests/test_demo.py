@@ -54,10 +54,14 @@ def test_reader_reads_rejects_and_over_rejects_under_noise():
         model, tokenizer, demo.load_data("test"), conditions=("relevant", "noisy", "irrelevant"), k=5,
         batch_size=100, max_new_tokens=48, answer_marker=fastrit.data.ANSWER_MARKER, return_predictions=True)
     abstained = demo.abstained(predictions)
-    assert scores["relevant"] >= 0.85 and abstained["relevant"] <= 0.05  # it reads
+    em = {condition: row["em"] for condition, row in scores.items()}
+    assert em["relevant"] >= 0.85 and abstained["relevant"] <= 0.05  # it reads
     assert abstained["irrelevant"] >= 0.8  # it says "unknown" when no passage answers
     # and, the failure the demo's tuning has to repair, also with the relevant passage among irrelevant ones
-    assert scores["noisy"] <= scores["relevant"] - 0.15 and abstained["noisy"] >= 0.5
+    assert em["noisy"] <= em["relevant"] - 0.15 and abstained["noisy"] >= 0.5
+    for condition, row in scores.items():  # its answers are bare words: accuracy is EM or a little more
+        assert row["n"] == 500 and row["em"] <= row["accuracy"] <= row["em"] + 0.05, condition
+        assert row["abstain"] >= abstained[condition], condition  # "unknown" is among the abstentions
 
 
 def test_the_demo_pipeline_writes_its_report_and_an_export_that_answers_alike(tmp_path, monkeypatch, capsys):
@@ -71,9 +75,14 @@ def test_the_demo_pipeline_writes_its_report_and_an_export_that_answers_alike(tm
     printed = capsys.readouterr().out
     assert "Neuro-RIT" in printed and "baseline" in printed and "export: 4/4" in printed
     report = json.loads((out / "report.json").read_text())
-    for key in ("em_before", "em_after", "em_baseline", "abstained_before", "abstained_after", "abstained_baseline"):
+    for key in ("em_before", "em_after", "em_baseline", "accuracy_before", "accuracy_after", "accuracy_baseline",
+                "abstained_before", "abstained_after", "abstained_baseline"):
         assert set(report[key]) == {"relevant", "noisy", "irrelevant"}, key
         assert all(0 <= v <= 1 for v in report[key].values()), key
+        if key.startswith("accuracy"):  # the answer contained: at least exact
+            em = report["em" + key.removeprefix("accuracy")]
+            assert all(v >= em[c] for c, v in report[key].items()), key
+    assert "accuracy (answer contained)" in printed
     assert report["questions"] == 16 and len(report["target_layers"]) == 3
     assert report["export"] == {**report["export"], "questions": 4, "same_answers": 4, "fastrit_imported": False}
     assert set(report["seconds"]) == set(report["peak_memory_mib"]) == {

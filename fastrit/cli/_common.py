@@ -29,7 +29,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", metavar="PATH_OR_NAME", default=None,
-                       help="a transformers causal LM (folder or hub name); default: the embedded reader model")
+                       help="a transformers causal LM: a folder, a hub name, or a .gguf file (llama.cpp's format; "
+                            "converted once into $FASTRIT_CACHE or ~/.cache/fastrit; needs `pip install gguf`); "
+                            "default: the embedded reader model")
     group.add_argument("--dtype", choices=_DTYPES, default="auto", help="weights dtype ('auto': as saved)")
     group.add_argument("--device", default=None,
                        help="cpu, cuda or cuda:N (default: cuda if available, else cpu; under torchrun each "
@@ -83,9 +85,14 @@ def _device(name: str | None):
 
 
 def load_model(args: argparse.Namespace):
-    """``(model, tokenizer)`` from ``--model`` / ``--dtype`` / ``--device`` / ``--load-in-4bit``."""
+    """``(model, tokenizer)`` from ``--model`` / ``--dtype`` / ``--device`` / ``--load-in-4bit``.
+
+    ``--model`` goes through :func:`fastrit.models.load_causal_lm`: a folder, a hub name, or a ``.gguf`` file
+    (converted once into ``$FASTRIT_CACHE`` or ``~/.cache/fastrit``); its errors name ``--model``.
+    """
     import torch
-    import transformers
+
+    from ..models import load_causal_lm
 
     device = _device(args.device)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -95,23 +102,15 @@ def load_model(args: argparse.Namespace):
         source = demo.READER_DIR
     else:
         source = args.model
-        looks_local = os.sep in source or source.startswith(".") or Path(source).exists()
-        if looks_local and not Path(source).is_dir():
-            raise FileNotFoundError(f"--model: no such model folder: {source!r}")
-    kwargs: dict = {"dtype": dtype}
-    if args.load_in_4bit:
-        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype or torch.bfloat16)
-        kwargs["device_map"] = {"": device}
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    except OSError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise OSError(f"--model: cannot load {str(source)!r}: {first}") from error
-    if not args.load_in_4bit:
-        model = model.to(device)
-    return model.eval(), tokenizer
+        return load_causal_lm(source, dtype=dtype, device=device, load_in_4bit=args.load_in_4bit)
+    except (OSError, ValueError, TypeError, ImportError) as error:
+        message = str(error)
+        if not message.startswith("source:"):
+            raise
+        message = "--model:" + message[len("source:"):]
+        # a missing gguf package is a user error too: one line, not a traceback
+        raise (OSError(message) if isinstance(error, ImportError) else type(error)(message)) from error
 
 
 def _layers(text: str) -> list[int]:
@@ -131,7 +130,13 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the target layers' MLPs, only their chosen neurons, or LoRA adapters on them")
     group.add_argument("--train-layers", type=_layers, default=None, metavar="L,L,...",
                        help="the target layers (default: the neuron sets' target layers)")
-    group.add_argument("--no-quantize", action="store_true", help="keep the frozen layers in their dtype, not NF4")
+    group.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto",
+                       help="the frozen layers: NF4, their dtype, or 'auto': their dtype when a training step fits "
+                            "the device's memory (or --memory-budget), NF4 only when it must")
+    group.add_argument("--no-quantize", action="store_true", help="the same as --quantize none")
+    group.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
+                       help="memory the run may use, in GiB, for --quantize auto (default: the device's free "
+                            "memory)")
     group.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
 
 
@@ -146,8 +151,13 @@ def prepare_settings(args: argparse.Namespace):
         sets = NeuronSets.load(args.neuron_sets)
     elif args.train_layers is None:
         raise ValueError("--train-layers: give the layers to train, or --neuron-sets to take its target layers")
-    kwargs = dict(train=args.train, quantize_frozen=None if args.no_quantize else "nf4",
+    quantize = "none" if args.no_quantize else args.quantize
+    kwargs = dict(train=args.train, quantize_frozen=None if quantize == "none" else quantize,
                   gradient_checkpointing=not args.no_checkpointing)
+    if args.memory_budget is not None:
+        if args.memory_budget <= 0:
+            raise ValueError(f"--memory-budget: expected a positive number of GiB, got {args.memory_budget}")
+        kwargs["memory_budget"] = int(args.memory_budget * 2**30)
     if args.train_layers is not None:
         kwargs["train_layers"] = args.train_layers
     if sets is None:

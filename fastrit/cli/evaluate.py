@@ -1,4 +1,5 @@
-"""``fastrit eval``: exact match of a model's greedy answers per context condition."""
+"""``fastrit eval``: accuracy, exact match, token F1 and abstention of a model's greedy answers per context
+condition (fastrit.evaluate)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ __all__ = ["add_parsers"]
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "eval", formatter_class=HelpFormatter,
-        help="exact match of a model's answers with relevant, noisy or irrelevant passages",
-        description="fastrit.evaluate: greedy answers to each record's prompt in every condition, exact match "
-                    "(SQuAD-normalised) against the gold answers. With --delta, the model as fastrit prepared and "
-                    "tuned it.",
+        help="accuracy and exact match of a model's answers with relevant, noisy or irrelevant passages",
+        description="fastrit.evaluate: greedy answers to each record's prompt in every condition, scored against "
+                    "the gold answers (SQuAD-normalised): accuracy (a gold answer contained in the answer, what RAG "
+                    "robustness papers report), exact match, token F1, and the share of answers that abstain. "
+                    "Prompts use the tokenizer's chat template when it has one (--template to choose). With "
+                    "--delta, the model as fastrit prepared and tuned it.",
     )
     add_model_arguments(parser)
     add_delta_argument(parser)
@@ -40,8 +43,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                         help="score what follows this marker (e.g. 'Answer:' for a model tuned to write its "
                              "evidence first; give --max-new-tokens room for the evidence); default: the whole "
                              "continuation")
+    parser.add_argument("--stop-at-newline", action="store_true",
+                        help="score only the first line of each answer (after the marker, if any)")
     parser.add_argument("--max-examples", type=int, default=None, help="only the first N records")
-    parser.add_argument("--out", metavar="FILE", default=None, help="also write the scores to this JSON file")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="also write the scores to this JSON file: \"scores\" per condition (accuracy, em, f1, "
+                             "abstain, n), \"em\" per condition, the settings")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(run=run_eval)
 
@@ -68,11 +75,23 @@ def run_eval(args: argparse.Namespace) -> None:
         load_delta(model, delta)
     scores = evaluate(model, tokenizer, data, conditions=conditions, k=args.k, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, template=args.template, seed=args.seed,
-                      progress=not args.no_progress, answer_marker=args.answer_marker)
-    for condition, value in scores.items():
-        print(f"{condition:>10}  EM {value:.4f}")
+                      progress=not args.no_progress, answer_marker=args.answer_marker,
+                      stop_at_newline=args.stop_at_newline)
+    print(format_scores(scores))
     print(f"{len(data)} records, k={args.k}")
     if out is not None:
-        write_text_atomic(out, json.dumps({"em": scores, "records": len(data), "k": args.k,
-                                           "delta": None if delta is None else str(delta)}, indent=1) + "\n")
+        write_text_atomic(out, json.dumps({
+            "scores": scores, "em": {condition: row["em"] for condition, row in scores.items()},
+            "records": len(data), "k": args.k, "delta": None if delta is None else str(delta),
+            "answer_marker": args.answer_marker, "stop_at_newline": args.stop_at_newline,
+        }, indent=1) + "\n")
         print(f"saved to {out}")
+
+
+def format_scores(scores: dict[str, dict]) -> str:
+    """One row per condition: accuracy, EM, F1, abstain and the records scored."""
+    lines = [f"{'condition':>10}  {'accuracy':>8}  {'EM':>6}  {'F1':>6}  {'abstain':>7}  {'n':>6}"]
+    for condition, row in scores.items():
+        lines.append(f"{condition:>10}  {row['accuracy']:>8.4f}  {row['em']:>6.4f}  {row['f1']:>6.4f}  "
+                     f"{row['abstain']:>7.4f}  {row['n']:>6d}")
+    return "\n".join(lines)

@@ -57,6 +57,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     sets, kwargs = prepare_settings(args)
     model, _ = load_model(args)
     prepare(model, sets, **kwargs)
+    print(f"frozen layers: {model.fastrit_preparation.settings['quantize_reason']}")
     trainable_summary(model)
     save_delta(model, out)
     print(f"saved to {out}")

@@ -1,14 +1,17 @@
 """RAG QA data: records in one canonical schema on 🤗 datasets, loaded from the files users hold, and the
-answer matching (SQuAD normalisation) that has_answer, evidence and exact match share."""
+answer matching (SQuAD normalisation) that has_answer, evidence and the answer scores (exact match, accuracy as
+containment, token F1, abstention) share."""
 
 from .prompts import CONDITIONS, RagPrompts, encode_pair, prompts
 from .rag import FEATURES, SKIP_REASONS, RagData, load
+from .scoring import ABSTENTIONS, abstains, exact_match, token_f1
 from .text import contains_answer, evidence_sentence, normalize_answer
 from .world import synthetic
 
 __all__ = [
-    "ANSWER_MARKER", "CONDITIONS", "EVIDENCE_MARKER", "FEATURES", "SKIP_REASONS", "RagData", "RagPrompts",
-    "contains_answer", "encode_pair", "evidence", "evidence_target", "load", "normalize_answer", "prompts", "synthetic",
+    "ABSTENTIONS", "ANSWER_MARKER", "CONDITIONS", "EVIDENCE_MARKER", "FEATURES", "SKIP_REASONS", "RagData",
+    "RagPrompts", "abstains", "contains_answer", "encode_pair", "evidence", "evidence_target", "exact_match", "load",
+    "normalize_answer", "prompts", "synthetic", "token_f1",
 ]
 
 #: what precedes the answer in an evidence-then-answer target (the evidence comes before it)

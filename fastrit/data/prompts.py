@@ -22,6 +22,7 @@ import torch
 
 from ..arch import max_positions
 from .rag import RagData
+from .turns import resolve_template
 
 __all__ = ["CONDITIONS", "DEFAULT_TEMPLATE", "RagPrompts", "encode_pair", "prompts"]
 
@@ -107,13 +108,21 @@ class _Formatter:
         return (self.template or DEFAULT_TEMPLATE).format(passages=joined, question=question)
 
 
+def answer_separator(prompt: str) -> str:
+    """What goes between a prompt and its answer as the model would write it: nothing after a prompt that ends in
+    whitespace (a chat template's ``assistant\n``), else one space (``Answer: 1760``)."""
+    return "" if not prompt or prompt[-1].isspace() else " "
+
+
 def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """The prompt's ids and the answer's, tokenized as it continues the prompt (after one space)."""
+    """The prompt's ids and the answer's, tokenized as the answer continues the prompt (after
+    :func:`answer_separator`): after a chat template's assistant header the answer starts without a space token."""
+    separator = answer_separator(prompt)
     prompt_ids = tokenizer(prompt)["input_ids"]
-    full = tokenizer(f"{prompt} {answer}")["input_ids"]
+    full = tokenizer(f"{prompt}{separator}{answer}")["input_ids"]
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         return prompt_ids, full[len(prompt_ids) :]
-    return prompt_ids, tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]
+    return prompt_ids, tokenizer(f"{separator}{answer}", add_special_tokens=False)["input_ids"]
 
 
 def _fit(question, answer, passages, needed_kinds, formatter, tokenizer, max_length):
@@ -164,12 +173,13 @@ def prompts(
     model=None,
     indices: Sequence[int] | None = None,
 ) -> RagPrompts:
-    """One prompt per record of ``data`` in ``condition`` ("relevant", "irrelevant" or "noisy"), with its first
-    answer as target tokens. ``template``: None (``DEFAULT_TEMPLATE``), a format string with ``{passages}`` and
-    ``{question}``, or "chat" (the tokenizer's chat template). ``max_length`` bounds prompt + answer[:-1] in
-    tokens; by default it is the maximum positions of ``model`` (a transformers model or config) when one is
-    given, else the tokenizer's ``model_max_length`` when that is a real limit, else none. ``indices``: the
-    records to make prompts for (default: all), by their index in ``data``. Deterministic from ``seed`` and a
+    """One prompt per record of ``data`` in ``condition`` ("relevant", "irrelevant" or "noisy"), with its first answer
+    as target tokens. ``template``: a format string with ``{passages}`` and ``{question}`` (such as
+    ``DEFAULT_TEMPLATE``), "chat" (the tokenizer's chat template), or None: "chat" when the tokenizer has a chat
+    template, else ``DEFAULT_TEMPLATE`` (:func:`fastrit.data.turns.resolve_template`). ``max_length`` bounds prompt
+    + answer[:-1] in tokens; by default it is the maximum positions of ``model`` (a transformers model or config)
+    when one is given, else the tokenizer's ``model_max_length`` when that is a real limit, else none. ``indices``:
+    the records to make prompts for (default: all), by their index in ``data``. Deterministic from ``seed`` and a
     record's index: a record gets the same prompt whichever other records are asked for with it.
     """
     if condition not in CONDITIONS:
@@ -183,7 +193,7 @@ def prompts(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer: needs a pad or an end-of-sequence token to pad prompts")
-    formatter = _Formatter(tokenizer, template)
+    formatter = _Formatter(tokenizer, resolve_template(tokenizer, template))
     needed = {"relevant": {True}, "irrelevant": {False}, "noisy": {True, False}}[condition]
     out = RagPrompts([], [], [], [], pad)
     skipped: Counter = Counter()

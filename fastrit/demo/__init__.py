@@ -39,6 +39,9 @@ def load_data(split: str = "test") -> data.RagData:
 
 def abstained(predictions: dict[str, list[dict]]) -> dict[str, float]:
     """Per condition, the share of the answers in ``predictions`` (``fastrit.evaluate(...,
-    return_predictions=True)[1]``) that are :data:`ABSTAIN` after SQuAD normalisation; NaN for an empty condition."""
+    return_predictions=True)[1]``) that are :data:`ABSTAIN` after SQuAD normalisation; NaN for an empty condition.
+
+    Narrower than fastrit.evaluate's ``abstain`` (an answer that contains any of ``fastrit.data.ABSTENTIONS``):
+    this reader's own answer, exactly, as the demo reports it."""
     return {condition: sum(data.normalize_answer(row["prediction"]) == ABSTAIN for row in rows) / len(rows)
             if rows else float("nan") for condition, rows in predictions.items()}

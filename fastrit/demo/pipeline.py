@@ -2,8 +2,9 @@
 
 Phases, each timed and its peak memory recorded:
 
-1. ``evaluate before``: exact match of the shipped reader on the test split, per condition (relevant, noisy,
-   irrelevant), and how often it answers ``ABSTAIN`` ("unknown": the reader was tuned for negative rejection);
+1. ``evaluate before``: exact match and accuracy (a gold answer contained in the answer) of the shipped reader on
+   the test split, per condition (relevant, noisy, irrelevant), and how often it answers ``ABSTAIN`` ("unknown":
+   the reader was tuned for negative rejection);
 2. ``mine``: fastrit.mine on the first ``mine_records`` train records (IG with ``mine_steps`` steps);
 3. ``tune``: Neuro-RIT (fastrit.tune): the irrelevant-exclusive neurons deactivated, frozen layers in NF4, the target
    layers' MLPs trained, stage 1 "denoise" then stage 2 "distill", ``steps`` optimizer steps each;
@@ -124,11 +125,14 @@ def _subset(split: str, n: int | None) -> rag.RagData:
 
 
 def _score(model, tokenizer, test: rag.RagData, settings: DemoSettings, progress: bool):
-    """``(EM, share of answers that are ABSTAIN (fastrit.demo.abstained), predictions)``, each per condition."""
-    em, predictions = evaluate(model, tokenizer, test, conditions=CONDITIONS, k=5, batch_size=64,
-                               max_new_tokens=settings.max_new_tokens, seed=settings.seed, progress=progress,
-                               answer_marker=ANSWER_MARKER, return_predictions=True)
-    return em, abstained(predictions), predictions
+    """``(EM, accuracy, share of answers that are ABSTAIN (fastrit.demo.abstained), predictions)``, each per
+    condition."""
+    scores, predictions = evaluate(model, tokenizer, test, conditions=CONDITIONS, k=5, batch_size=64,
+                                   max_new_tokens=settings.max_new_tokens, seed=settings.seed, progress=progress,
+                                   answer_marker=ANSWER_MARKER, return_predictions=True)
+    em = {condition: row["em"] for condition, row in scores.items()}
+    accuracy = {condition: row["accuracy"] for condition, row in scores.items()}
+    return em, accuracy, abstained(predictions), predictions
 
 
 def _tune(model, tokenizer, train, sets, stages, steps, settings, out: Path, progress: bool, **prepare_kwargs):
@@ -224,7 +228,7 @@ def _run(out: Path, settings: DemoSettings, progress: bool, say) -> dict:
     with tempfile.TemporaryDirectory(dir=out) as work:
         work = Path(work)
         with meter.phase("evaluate before", say):
-            before, abstained_before, _ = _score(model, tokenizer, test, settings, progress)
+            before, accuracy_before, abstained_before, _ = _score(model, tokenizer, test, settings, progress)
         with meter.phase("mine", say):
             sets = mine(model, tokenizer, _subset("train", settings.mine_records), steps=settings.mine_steps,
                         progress=progress)
@@ -238,8 +242,9 @@ def _run(out: Path, settings: DemoSettings, progress: bool, say) -> dict:
             baseline_losses = _tune(baseline_model, tokenizer, train, None, ["denoise"], 2 * settings.steps,
                                     settings, work / "baseline", progress)
         with meter.phase("evaluate after", say):
-            after, abstained_after, predictions = _score(model, tokenizer, test, settings, progress)
-            baseline, abstained_baseline, _ = _score(baseline_model, tokenizer, test, settings, progress)
+            after, accuracy_after, abstained_after, predictions = _score(model, tokenizer, test, settings, progress)
+            baseline, accuracy_baseline, abstained_baseline, _ = _score(baseline_model, tokenizer, test, settings,
+                                                                        progress)
         with meter.phase("export", say):
             export(model, out / "export", tokenizer=tokenizer)
             exported = _check_export(model, tokenizer, out / "export", test, settings)
@@ -247,6 +252,7 @@ def _run(out: Path, settings: DemoSettings, progress: bool, say) -> dict:
     sizes = sets.set_sizes()
     report = {
         "em_before": before, "em_after": after, "em_baseline": baseline,
+        "accuracy_before": accuracy_before, "accuracy_after": accuracy_after, "accuracy_baseline": accuracy_baseline,
         "abstained_before": abstained_before, "abstained_after": abstained_after,
         "abstained_baseline": abstained_baseline,
         "questions": len(test), "target_layers": list(sets.target_layers),

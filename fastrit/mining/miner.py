@@ -22,6 +22,7 @@ from ..arch import ArchSpec, resolve_arch
 from ..attribution import attribute
 from ..attribution.inputs import check_settings
 from ..data import RagData, load, prompts
+from ..data.turns import resolve_template
 from .identity import data_fingerprint, model_identity, tokenizer_fingerprint
 from .sets import NeuronSets, check_selection
 from .stats import MINED_CONDITIONS, MiningStats
@@ -132,6 +133,7 @@ def mine(
                          threshold=threshold, share=share, top_n=top_n, target_layers=target_layers,
                          batch_size=batch_size, max_examples=max_examples, max_length=max_length)
     data = data if isinstance(data, RagData) else load(data)
+    template = resolve_template(tokenizer, template)  # recorded resolved, so tuning and evaluation can match it
     arch = resolve_arch(model, spec)
     check_selection(share, top_n, target_layers, arch.num_layers)
     if max_length is None:

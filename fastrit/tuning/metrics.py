@@ -29,6 +29,7 @@ from .. import data as rag
 from ..arch import max_positions
 from ..data import ANSWER_MARKER, EVIDENCE_MARKER, RagData
 from ..data.text import sentences
+from ..data.turns import end_token_id
 from ..evaluate import greedy_continuations, index_after
 from .loss import causal_lm_loss
 from .stages import IGNORE_INDEX, collate
@@ -67,6 +68,12 @@ class EvidenceAnswerLoss(NamedTuple):
     marker_written: float
 
 
+def _marker_ids(tokenizer, prompt: str) -> list[int]:
+    """The answer marker's ids as an evidence-then-answer target writes it: after the evidence sentence, one space
+    before it (after a chat template's ``assistant\n`` the target itself starts without one)."""
+    return rag.encode_pair(tokenizer, prompt.rstrip() or prompt, ANSWER_MARKER)[1]
+
+
 def _prompts_with_room(model: nn.Module, tokenizer, data: RagData, max_evidence_tokens: int, k: int,
                        template: str | None, seed: int) -> rag.RagPrompts:
     """``data``'s noisy-context prompts (those of the two stages), short enough to leave ``max_evidence_tokens``
@@ -98,8 +105,8 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
     if not isinstance(max_evidence_tokens, int) or max_evidence_tokens < 1:
         raise ValueError(f"max_evidence_tokens: expected a positive integer, got {max_evidence_tokens!r}")
     built = _prompts_with_room(model, tokenizer, data, max_evidence_tokens, k, template, seed)
-    marker = rag.encode_pair(tokenizer, built.texts[0], ANSWER_MARKER)[1]
-    eos = tokenizer.eos_token_id
+    marker = _marker_ids(tokenizer, built.texts[0])
+    eos = end_token_id(tokenizer, template)
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     written = 0
     was_training = model.training
@@ -167,7 +174,8 @@ def answer_loss_over_evidence(model: nn.Module, tokenizer, data: RagData, *, k: 
     built = rag.prompts(data, tokenizer, condition="noisy", k=k, template=template, seed=seed, model=model)
     if len(built) == 0:
         raise ValueError(f"data: no noisy-context prompt could be built from {len(data)} records")
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end = end_token_id(tokenizer, template)
+    eos = [end] if end is not None else []
     rows: list[tuple[list[int], list[int]]] = []
     owner: list[int] = []
     answer_tokens = 0
@@ -250,10 +258,10 @@ def answer_loss_over_own_evidence(model: nn.Module, tokenizer, data: RagData, *,
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}: expected a positive integer, got {value!r}")
     built = _prompts_with_room(model, tokenizer, data, max_evidence_tokens, k, template, seed)
-    eos = tokenizer.eos_token_id
+    eos = end_token_id(tokenizer, template)
     end = [eos] if eos is not None else []
     pad = built.pad_token_id
-    marker = rag.encode_pair(tokenizer, built.texts[0], ANSWER_MARKER)[1]
+    marker = _marker_ids(tokenizer, built.texts[0])
     total, answer_tokens = 0.0, 0
     was_training = model.training
     model.eval()

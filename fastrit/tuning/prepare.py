@@ -4,7 +4,9 @@
 - ``train="mlp"``: the MLPs of the target layers are trainable (every kept neuron, and the output bias);
   ``train="neurons"``: only the chosen neurons of the target layers (their input rows and biases, output
   columns); ``train="lora"``: PEFT LoRA adapters on the target layers' MLP projections.
-- Everything else is frozen; with ``quantize_frozen="nf4"`` every frozen linear layer of the decoder becomes a
+- Everything else is frozen. ``quantize_frozen="auto"`` (the default) keeps the model's dtype when a training step
+  fits the device's memory unquantized (:func:`fastrit.tuning.auto.choose_quantization`) and quantizes only when
+  it must; with ``quantize_frozen="nf4"`` every frozen linear layer of the decoder becomes a
   :class:`fastrit.nn.NF4Linear` (bitsandbytes' format, fastrit's kernels), LoRA's base layers included (QLoRA).
   Embeddings and the output head keep their dtype. A model loaded in 4 bits through transformers'
   ``BitsAndBytesConfig`` is taken as it is: its bitsandbytes layers are adopted as NF4Linear holding the same
@@ -12,6 +14,10 @@
   from the model (``hf_quantizer.remove_quantization_config``), so that a Trainer takes it like any model.
 - Backward stops at the lowest trainable layer: nothing below it requires grad or saves activations
   (see :func:`enable_checkpointing`).
+
+With ``check_prompts`` (a few of the user's prompts), what deactivation and quantization did to the untrained
+model's next-token predictions is measured (fastrit.tuning.effect), recorded in ``Preparation.effect`` and logged;
+a warning names the cause when the most likely next token changes on more than 2 % of positions.
 
 Every argument is checked before the model is touched. The model keeps its class, config, ``generate`` and
 Trainer compatibility; what was done is recorded in ``model.fastrit_preparation`` (a :class:`Preparation`).
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -32,12 +39,19 @@ from ..arch import decoder_layers, linear_in_features
 from ..mining import SET_NAMES, NeuronSets
 from ..nn import NeuronMLP, NF4Linear
 from ..nn.mlp_layout import MLPLayout, is_bnb_4bit, is_conv1d, mlp_layout
+from .effect import ARGMAX_AGREEMENT_WARNING, check_batch, compare, next_token_logprobs, zeroed_neurons
 
 __all__ = ["TRAIN_MODES", "QUANTIZE_MODES", "Preparation", "prepare"]
 
 TRAIN_MODES = ("mlp", "neurons", "lora")
 QUANTIZE_MODES = (None, "nf4")
+#: what prepare's quantize_frozen accepts: a mode, or "auto" (chosen from the device's memory)
+QUANTIZE_CHOICES = (*QUANTIZE_MODES, "auto")
 PREPARATION_ATTR = "fastrit_preparation"
+#: the training batch (batch size, sequence length) quantize_frozen="auto" plans for unless told
+PLANNED_BATCH = (8, 512)
+
+logger = logging.getLogger("fastrit.prepare")
 
 
 @dataclass
@@ -51,6 +65,9 @@ class Preparation:
         train_layers: the target layers.
         settings: the arguments of :func:`prepare` (JSON values).
         lora_config: ``train="lora"``: the LoRA configuration applied, as JSON values (``LoraConfig(**it)``).
+        effect: with ``check_prompts``: ``{"deactivation" | "quantization" | "total": ModelChange.to_dict()}``,
+            what each change did to the untrained model's next-token predictions (quantization: relative to the
+            model with its neurons deactivated).
     """
 
     deactivated: dict[int, torch.Tensor]
@@ -58,6 +75,7 @@ class Preparation:
     train_layers: list[int]
     settings: dict = field(default_factory=dict)
     lora_config: dict | None = None
+    effect: dict = field(default_factory=dict)
 
 
 def _index_map(name: str, value, num_layers: int, intermediate: int) -> dict[int, torch.Tensor]:
@@ -134,9 +152,12 @@ def prepare(
     train_layers: list[int] | None = None,
     train: str = "mlp",
     neurons: str | Mapping[int, object] = "relevant_exclusive",
-    quantize_frozen: str | None = "nf4",
+    quantize_frozen: str | None = "auto",
     lora_config=None,
     gradient_checkpointing: bool = True,
+    memory_budget: int | None = None,
+    planned_batch: tuple[int, int] = PLANNED_BATCH,
+    check_prompts=None,
 ) -> nn.Module:
     """Prepare ``model`` for Neuro-RIT training, in place, and return it (see the module docstring).
 
@@ -147,10 +168,16 @@ def prepare(
         train_layers: the target layers (default: ``neuron_sets.target_layers``).
         train: "mlp", "neurons" or "lora".
         neurons: ``train="neurons"``: a set name or ``{layer: indices}`` (restricted to the target layers).
-        quantize_frozen: "nf4" (frozen decoder linear layers in NF4) or None (kept in their dtype).
+        quantize_frozen: "nf4" (frozen decoder linear layers in NF4), None (kept in their dtype), or "auto": None
+            when one training step of ``planned_batch`` fits ``memory_budget`` (bytes; default: what the model holds
+            plus the device's available memory) unquantized by :func:`fastrit.plan_memory`, else "nf4"; the choice
+            and why are in ``Preparation.settings`` ("quantize_frozen", "quantize_reason") and logged.
         lora_config: ``train="lora"``: a ``peft.LoraConfig`` (default: r=8, alpha=16 on the MLP projections);
             its target modules and ``layers_to_transform`` are set to the target layers' MLPs.
         gradient_checkpointing: enable (non-reentrant) gradient checkpointing on the decoder layers.
+        planned_batch: ``(batch size, sequence length)`` of training, for ``quantize_frozen="auto"``.
+        check_prompts: a few prompts (a batch dict with ``input_ids`` / ``attention_mask``, or token id lists) on
+            which the effect of deactivation and quantization is measured (see the module docstring).
 
     Raises ValueError/TypeError naming the argument, with the model untouched, for: neuron sets of another
     model shape or type, layers or neuron indices out of range, an unknown ``train`` / ``deactivate`` /
@@ -160,8 +187,15 @@ def prepare(
         raise ValueError("model: already prepared by fastrit.prepare; load a fresh model to prepare again")
     if train not in TRAIN_MODES:
         raise ValueError(f"train: expected one of {TRAIN_MODES}, got {train!r}")
-    if quantize_frozen not in QUANTIZE_MODES:
-        raise ValueError(f"quantize_frozen: expected one of {QUANTIZE_MODES}, got {quantize_frozen!r}")
+    if quantize_frozen not in QUANTIZE_CHOICES:
+        raise ValueError(f"quantize_frozen: expected one of {QUANTIZE_CHOICES}, got {quantize_frozen!r}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 1):
+        raise ValueError(f"memory_budget: expected None or a positive number of bytes, got {memory_budget!r}")
+    if (not isinstance(planned_batch, tuple | list) or len(planned_batch) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in planned_batch)):
+        raise ValueError(f"planned_batch: expected (batch size, sequence length), got {planned_batch!r}")
+    check = None if check_prompts is None else check_batch(check_prompts)
     layout = mlp_layout(model)
     layers = decoder_layers(model)
     num_layers = len(layers)
@@ -201,6 +235,16 @@ def prepare(
     skeleton = meta_copy(model)
     if skeleton is not None:
         _modify(skeleton, **plan, quantize=False)
+    quantize_reason = "as asked"
+    if quantize_frozen == "auto":
+        quantize_frozen, quantize_reason = _choose_quantization(model, train, train_layers, trainable,
+                                                                gradient_checkpointing, memory_budget, planned_batch)
+        logger.info("fastrit.prepare: frozen layers %s", quantize_reason)
+    before = deactivated_only = None
+    if check is not None:
+        before = next_token_logprobs(model, check)
+        with zeroed_neurons(model, deactivated):
+            deactivated_only = next_token_logprobs(model, check) if deactivated else before
     applied_lora = _modify(model, **plan, quantize=quantize_frozen == "nf4")
     if getattr(model, "hf_quantizer", None) is not None and not any(is_bnb_4bit(m) for m in model.modules()):
         # every bitsandbytes layer is an NF4Linear now: nothing is left for transformers' quantizer to manage
@@ -211,10 +255,50 @@ def prepare(
         enable_checkpointing(model, train_layers, train)
     settings = {"deactivate": deactivate if isinstance(deactivate, str | None) else "explicit",
                 "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
-                "quantize_frozen": quantize_frozen, "gradient_checkpointing": gradient_checkpointing}
+                "quantize_frozen": quantize_frozen, "quantize_reason": quantize_reason,
+                "gradient_checkpointing": gradient_checkpointing}
+    effect = {} if check is None else _measure_effect(model, check, before, deactivated_only, deactivated,
+                                                      quantize_frozen)
     setattr(model, PREPARATION_ATTR, Preparation(deactivated, trainable if train != "lora" else {},
-                                                 train_layers, settings, applied_lora))
+                                                 train_layers, settings, applied_lora, effect))
     return model
+
+
+def _choose_quantization(model, train, train_layers, trainable, gradient_checkpointing, memory_budget,
+                         planned_batch) -> tuple[str | None, str]:
+    if any(is_bnb_4bit(m) for m in model.modules()):
+        return None, "already 4-bit (bitsandbytes layers adopted as they are)"
+    from .auto import choose_quantization
+
+    neurons = max(1, max((len(v) for v in trainable.values()), default=1)) if train == "neurons" else None
+    return choose_quantization(model, train=train, train_layers=train_layers, neurons=neurons,
+                               gradient_checkpointing=gradient_checkpointing, memory_budget=memory_budget,
+                               planned_batch=tuple(planned_batch))
+
+
+def _measure_effect(model, check, before, deactivated_only, deactivated, quantize_frozen) -> dict:
+    """Preparation.effect: what deactivation, quantization and both did to the next-token predictions; logged,
+    and a warning naming the cause when the most likely token changes on more than 2 % of positions."""
+    after = next_token_logprobs(model, check)
+    changes = {"deactivation": compare(before, deactivated_only), "total": compare(before, after)}
+    if quantize_frozen == "nf4":
+        changes["quantization"] = compare(deactivated_only, after)
+    for name, change in changes.items():
+        logger.info("fastrit.prepare: %s: %s", name, change)
+    total = changes["total"]
+    if total.argmax_agreement < ARGMAX_AGREEMENT_WARNING:
+        causes = []
+        if "quantization" in changes and changes["quantization"].argmax_agreement < ARGMAX_AGREEMENT_WARNING:
+            causes.append(f"NF4 quantization ({changes['quantization']}): pass quantize_frozen=None if the "
+                          "unquantized model fits")
+        if changes["deactivation"].argmax_agreement < ARGMAX_AGREEMENT_WARNING:
+            count = sum(len(v) for v in deactivated.values())
+            causes.append(f"deactivating {count} neurons ({changes['deactivation']}): deactivate fewer (mine with "
+                          "a higher share, or pass deactivate=None)")
+        warnings.warn(f"fastrit.prepare changed the untrained model's most likely next token on "
+                      f"{1 - total.argmax_agreement:.1%} of {total.positions} positions; "
+                      + ("; ".join(causes) if causes else "no single change explains it"), stacklevel=3)
+    return {name: change.to_dict() for name, change in changes.items()}
 
 
 def meta_copy(model: nn.Module) -> nn.Module | None:
@@ -234,12 +318,17 @@ def prepare_on_meta(model: nn.Module, neuron_sets: NeuronSets | None = None, **k
     """:func:`prepare` with these arguments, applied to a copy of ``model`` on the meta device (:func:`meta_copy`):
     every argument is checked and the copy holds the parameters preparation creates, with nothing allocated and
     ``model`` untouched. NF4 needs real weights, so ``quantize_frozen="nf4"`` is left out (any other value is
-    checked as given), and so is gradient checkpointing. None where the model cannot be rebuilt from its config."""
+    checked as given), and so is gradient checkpointing. None where the model cannot be rebuilt from its config.
+    ``quantize_frozen="auto"`` is treated as None here (the choice needs the real model's device), and
+    ``check_prompts`` is checked but not run."""
     skeleton = meta_copy(model)
     if skeleton is None:
         return None
-    quantize = kwargs.get("quantize_frozen", "nf4")
-    return prepare(skeleton, neuron_sets, **{**kwargs, "quantize_frozen": None if quantize == "nf4" else quantize,
+    quantize = kwargs.get("quantize_frozen", "auto")
+    if kwargs.get("check_prompts") is not None:
+        check_batch(kwargs["check_prompts"])
+    return prepare(skeleton, neuron_sets, **{**kwargs, "check_prompts": None,
+                                             "quantize_frozen": None if quantize in ("nf4", "auto") else quantize,
                                              "gradient_checkpointing": False})
 
 

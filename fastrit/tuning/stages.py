@@ -1,7 +1,9 @@
 """The training examples of Neuro-RIT's two stages, as 🤗 datasets of token ids with labels on the target only.
 
 - ``"denoise"``: a noisy-context prompt (fastrit.data.prompts, condition "noisy": relevant and irrelevant passages
-  mixed) followed by the first gold answer and the end token; the loss is on the answer and the end token.
+  mixed) followed by the first gold answer and the end token; the loss is on the answer and the end token. The end
+  token is the chat template's end-of-turn token for chat prompts, else the end-of-sequence token
+  (fastrit.data.turns.end_token_id), so that a tuned model stops where an answer ends.
 - ``"distill"``: the same prompt followed by ``Evidence: <the evidence sentence> Answer: <answer>`` and the end
   token (fastrit.data.evidence_target; the evidence is the first sentence of a relevant passage that contains an
   answer); the loss is on that whole target. Records without evidence are skipped and counted
@@ -18,6 +20,7 @@ import torch
 
 from .. import data as rag
 from ..data import RagData
+from ..data.turns import end_token_id
 
 __all__ = ["STAGES", "StageData", "collate", "stage_data"]
 
@@ -43,7 +46,7 @@ def stage_data(data: RagData, tokenizer, stage: str, *, k: int = 5, template: st
     """The examples of ``stage`` ("denoise" or "distill") from ``data`` (see the module docstring).
 
     ``k``, ``template``, ``max_length``, ``seed`` and ``model`` are those of :func:`fastrit.data.prompts`; the
-    end token (``tokenizer.eos_token_id``) closes every target when the tokenizer has one.
+    end token (:func:`fastrit.data.turns.end_token_id`) closes every target when the tokenizer has one.
     """
     if stage not in STAGES:
         raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
@@ -52,7 +55,8 @@ def stage_data(data: RagData, tokenizer, stage: str, *, k: int = 5, template: st
     built = rag.prompts(data, tokenizer, condition="noisy", k=k, template=template, max_length=max_length,
                         seed=seed, model=model)
     skipped = Counter(built.skipped)
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end = end_token_id(tokenizer, template)
+    eos = [end] if end is not None else []
     limit = max_length if max_length is not None else getattr(tokenizer, "model_max_length", None)
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     records = []

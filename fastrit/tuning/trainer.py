@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -27,8 +29,10 @@ from torch import nn
 
 from .._io import write_text_atomic
 from ..data import RagData
+from ..data.turns import resolve_template
 from ..mining import NeuronSets
 from .delta import save_delta
+from .effect import ModelChange
 from .loss import causal_lm_loss
 from .metrics import answer_loss, answer_loss_after_evidence, answer_loss_over_own_evidence
 from .prepare import PREPARATION_ATTR, prepare, prepare_on_meta
@@ -37,8 +41,15 @@ from .stages import STAGES, collate, stage_data
 __all__ = ["DELTA_NAME", "NeuroRITTrainer", "OPTIMIZERS", "tune"]
 
 DELTA_NAME = "fastrit_delta.safetensors"
+#: how many training prompts tune gives prepare to measure what deactivation and quantization did to the model
+CHECK_PROMPTS = 8
+#: sampled continuations per prompt of the own-evidence answer loss that eval_data measures
+OWN_EVIDENCE_SAMPLES = 16
 #: optimizer name -> transformers TrainingArguments ``optim`` (8-bit AdamW is paged on CUDA)
 OPTIMIZERS = {"adamw8bit": ("adamw_bnb_8bit", "paged_adamw_8bit"), "adamw": ("adamw_torch", "adamw_torch")}
+
+
+logger = logging.getLogger("fastrit.tune")
 
 
 class NeuroRITTrainer(transformers.Trainer):
@@ -109,6 +120,24 @@ def _per_stage(name: str, value, stage: str):
             raise ValueError(f"{name}: no value for stage {stage!r}")
         return value[stage]
     return value
+
+
+def _prepare_defaults(prepare_kwargs: dict, examples: dict, batch_size) -> dict:
+    """prepare's arguments with tune's defaults filled in: the training batch that ``quantize_frozen="auto"`` plans
+    for (the largest stage batch size, the longest example) and a few denoise prompts to measure what deactivation
+    and quantization do to the model on (``check_prompts``)."""
+    out = dict(prepare_kwargs)
+    sizes = list(batch_size.values()) if isinstance(batch_size, Mapping) else [batch_size]
+    longest = max(len(row) for built in examples.values() for row in built.dataset["input_ids"])
+    out.setdefault("planned_batch", (max(sizes), longest))
+    if "check_prompts" not in out:
+        first = next(iter(examples.values()))
+        prompts = []
+        for ids, labels in zip(first.dataset["input_ids"][:CHECK_PROMPTS], first.dataset["labels"][:CHECK_PROMPTS],
+                               strict=True):
+            prompts.append(ids[: next((i for i, label in enumerate(labels) if label != -100), len(ids))])
+        out["check_prompts"] = prompts
+    return out
 
 
 def _fingerprint(settings: dict) -> str:
@@ -183,6 +212,7 @@ def tune(
         raise ValueError(f"optimizer: expected one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
     if not isinstance(data, RagData):
         raise TypeError(f"data: expected fastrit.data.RagData, got {type(data).__name__}")
+    template = resolve_template(tokenizer, template)  # recorded resolved: mining, tuning and evaluation agree
     examples = {}
     for stage in stages:
         built = stage_data(data, tokenizer, stage, k=k, template=template, max_length=max_length, seed=seed,
@@ -221,19 +251,31 @@ def tune(
     def measure(stages_done: Sequence[str]) -> dict[str, float]:
         point = {"answer_after_prompt": answer_loss(model, eval_set, tokenizer),
                  "answer_over_own_evidence": answer_loss_over_own_evidence(model, tokenizer, eval_data, k=k,
-                                                                           template=template, seed=seed)}
+                                                                           template=template, seed=seed,
+                                                                           samples=OWN_EVIDENCE_SAMPLES)}
         if "distill" in stages_done:
             after = answer_loss_after_evidence(model, tokenizer, eval_data, k=k, template=template, seed=seed)
             point.update(answer_after_own_evidence=after.loss, marker_written=after.marker_written)
         return point
 
     unprepared = getattr(model, PREPARATION_ATTR, None) is None
+    if unprepared:
+        prepare_kwargs = _prepare_defaults(prepare_kwargs, examples, batch_size)
     if eval_set is not None and "before" not in losses:
         if unprepared:  # prepare's checks first, on a meta copy, so bad input costs no evaluation
             prepare_on_meta(model, neuron_sets, **prepare_kwargs)
+        logger.warning(f"fastrit.tune: measuring the noisy-context answer loss on {len(eval_set)} held-out prompts "
+                       f"({OWN_EVIDENCE_SAMPLES} sampled continuations each), before training and after each stage")
+        started = time.perf_counter()
         losses["before"] = measure(())  # the model as given: before prepare deactivates and quantizes
+        logger.warning(f"fastrit.tune: that measurement took {time.perf_counter() - started:.0f} s; it is repeated "
+                       f"after each of the {len(stages)} stages")
     if unprepared:
         prepare(model, neuron_sets, **prepare_kwargs)
+        preparation = getattr(model, PREPARATION_ATTR)
+        logger.warning(f"fastrit.tune: frozen layers {preparation.settings['quantize_reason']}")
+        for name, change in preparation.effect.items():
+            logger.warning(f"fastrit.tune: the untrained model after {name}: " + str(ModelChange(**change)))
     output_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_file, json.dumps({"fingerprint": _fingerprint(settings), "settings": settings},
                                            indent=1, default=str))

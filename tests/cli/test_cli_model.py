@@ -22,18 +22,44 @@ def test_prepare_eval_and_export_agree(tmp_path, capsys):
     scores = tmp_path / "scores.json"
     assert main(["eval", "--delta", str(delta), "--max-examples", "12", "--max-new-tokens", "4", "--no-progress",
                  "--out", str(scores)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["condition", "accuracy", "EM", "F1", "abstain", "n"]
+    assert [line.split()[0] for line in printed[1:3]] == ["relevant", "noisy"]
     written = json.loads(scores.read_text())
-    assert set(written["em"]) == {"relevant", "noisy"} and written["records"] == 12
+    assert set(written["scores"]) == {"relevant", "noisy"} and written["records"] == 12
+    for condition, row in written["scores"].items():
+        assert set(row) == {"accuracy", "em", "f1", "abstain", "n"} and row["n"] == 12
+        assert written["em"][condition] == row["em"] <= row["f1"] and row["em"] <= row["accuracy"]
     # the same numbers from the library: the delta loaded onto the shipped reader
     model, tokenizer = demo.load_model()
     fastrit.load_delta(model, delta)
     test = fastrit.data.RagData(demo.load_data("test").records.select(range(12)))
-    assert fastrit.evaluate(model, tokenizer, test, max_new_tokens=4) == written["em"]
+    assert fastrit.evaluate(model, tokenizer, test, max_new_tokens=4) == written["scores"]
     export = tmp_path / "export"
     assert main(["export", "--delta", str(delta), "--out", str(export)]) == 0
     plain = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
     assert fastrit.evaluate(plain, transformers.AutoTokenizer.from_pretrained(export), test,
-                            max_new_tokens=4) == written["em"]
+                            max_new_tokens=4) == written["scores"]
+
+
+def test_eval_stop_at_newline_is_passed_on_and_recorded(tmp_path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module("fastrit.evaluate")  # the module: fastrit.evaluate is also the function
+    seen = {}
+    real = module.evaluate
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "evaluate", spy)
+    scores = tmp_path / "scores.json"
+    assert main(["eval", "--max-examples", "3", "--max-new-tokens", "2", "--conditions", "relevant",
+                 "--stop-at-newline", "--no-progress", "--out", str(scores)]) == 0
+    written = json.loads(scores.read_text())
+    assert seen["stop_at_newline"] is True and written["stop_at_newline"] is True
+    assert list(written["scores"]) == ["relevant"] and written["scores"]["relevant"]["n"] == 3
 
 
 def test_a_tune_folder_names_its_last_finished_stage(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from fastrit import data
 from fastrit.data import world
-from fastrit.data.prompts import format_passage
+from fastrit.data.prompts import DEFAULT_TEMPLATE, format_passage
 from tests.tiny_models import word_tokenizer
 
 datasets.disable_progress_bars()
@@ -34,7 +34,7 @@ def _passages_in(prompt: str, record: dict) -> list[dict]:
 @pytest.mark.parametrize("k", [1, 3, 5])
 @pytest.mark.parametrize("condition", data.CONDITIONS)
 def test_passage_mix_of_every_condition(records, tokenizer, condition, k):
-    out = data.prompts(records, tokenizer, condition=condition, k=k)
+    out = data.prompts(records, tokenizer, condition=condition, k=k, template=DEFAULT_TEMPLATE)
     assert len(out) == len(records) and out.skipped == {}
     for text, index in zip(out.texts, out.records, strict=True):
         record = records.records[index]
@@ -56,9 +56,10 @@ def test_answer_tokens_continue_the_prompt(records, tokenizer):
 
 
 def test_truncation_keeps_question_and_answer(records, tokenizer):
-    full = data.prompts(records, tokenizer, condition="noisy", k=5)
+    full = data.prompts(records, tokenizer, condition="noisy", k=5, template=DEFAULT_TEMPLATE)
     for max_length in (60, 40, 25):
-        out = data.prompts(records, tokenizer, condition="noisy", k=5, max_length=max_length)
+        out = data.prompts(records, tokenizer, condition="noisy", k=5, max_length=max_length,
+                           template=DEFAULT_TEMPLATE)
         assert len(out) + sum(out.skipped.values()) == len(records)
         for text, prompt, target, index in zip(out.texts, out.prompt_ids, out.target_ids, out.records, strict=True):
             record = records.records[index]
@@ -113,6 +114,7 @@ def test_templates(records, tokenizer):
     assert custom.texts[0].startswith("Question: ")
     chat = data.prompts(records, tokenizer, condition="relevant", template="chat")
     assert chat.texts[0].startswith("<s> user : ") and chat.texts[0].endswith("<s> assistant :")
+    assert data.prompts(records, tokenizer, condition="relevant").texts == chat.texts  # None: the chat template
     with pytest.raises(ValueError, match="^template:"):
         data.prompts(records, tokenizer, condition="relevant", template="no placeholders")
     with pytest.raises(ValueError, match="^condition:"):

@@ -1,0 +1,130 @@
+"""prepare's choices from the device and its report of what it did to the model: quantize_frozen="auto" keeps the
+dtype exactly when plan_memory says the unquantized step fits the budget; check_prompts measures deactivation and
+quantization against independent forwards (the original model, and the original with the neurons zeroed by hooks)
+and warns, naming the cause, when predictions change."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+import fastrit
+from fastrit.nn import NF4Linear
+from fastrit.tuning.auto import FIT_MARGIN, choose_quantization
+from fastrit.tuning.effect import compare
+from tests.tiny_models import VOCAB, build_tiny_model
+from tests.tuning.test_prepare import _reference_logits
+
+DEACTIVATE = {0: [1, 5, 7], 2: [0, 3, 47]}
+
+
+def _prompts(seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (9, 6, 4)]
+
+
+def _unquantized_peak(model) -> int:
+    plan = fastrit.plan_memory(model.config, seq_len=64, batch_size=2, train="mlp", train_layers=[1, 2],
+                               quantize_frozen=None, gradient_checkpointing=False, dtype="float32", device="cpu")
+    return plan.peak_bytes
+
+
+@pytest.mark.parametrize("slack, expected", [(0, None), (-1, "nf4")])
+def test_auto_quantizes_exactly_when_the_unquantized_step_does_not_fit(slack, expected):
+    model = build_tiny_model("llama")
+    budget = _unquantized_peak(model) + slack
+    prepared = fastrit.prepare(model, deactivate=DEACTIVATE, train_layers=[1, 2], gradient_checkpointing=False,
+                               memory_budget=budget, planned_batch=(2, 64))
+    settings = prepared.fastrit_preparation.settings
+    assert settings["quantize_frozen"] == expected
+    assert any(isinstance(m, NF4Linear) for m in prepared.modules()) == (expected == "nf4")
+    assert ("NF4" in settings["quantize_reason"]) == (expected == "nf4")
+
+
+def test_auto_on_the_device_keeps_the_dtype_of_a_model_that_fits():
+    model = build_tiny_model("llama")
+    choice, why = choose_quantization(model, train="mlp", train_layers=[1], neurons=None,
+                                      gradient_checkpointing=True, memory_budget=None, planned_batch=(8, 512))
+    assert choice is None and "cpu memory available" in why and f"x{FIT_MARGIN}" in why
+    prepared = fastrit.prepare(model, deactivate=None, train_layers=[1])
+    assert not any(isinstance(m, NF4Linear) for m in prepared.modules())
+
+
+def test_explicit_settings_win_over_auto():
+    model = build_tiny_model("llama")
+    prepared = fastrit.prepare(model, deactivate=None, train_layers=[1], quantize_frozen="nf4",
+                               gradient_checkpointing=False)
+    assert any(isinstance(m, NF4Linear) for m in prepared.modules())
+    assert prepared.fastrit_preparation.settings["quantize_reason"] == "as asked"
+
+
+def _logprobs(logits):
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_the_reported_effect_equals_independent_forwards():
+    original = build_tiny_model("llama")
+    prompts = _prompts()
+    prepared = fastrit.prepare(copy.deepcopy(original), deactivate=DEACTIVATE, train_layers=[1, 2],
+                               quantize_frozen="nf4", gradient_checkpointing=False, check_prompts=prompts)
+    effect = prepared.fastrit_preparation.effect
+    with torch.no_grad():
+        before = torch.cat([_logprobs(original(torch.tensor([p])).logits[0]) for p in prompts])
+        zeroed = torch.cat([_logprobs(_reference_logits(original, torch.tensor([p]), DEACTIVATE)[0])
+                            for p in prompts])
+        after = torch.cat([_logprobs(prepared(torch.tensor([p])).logits[0]) for p in prompts])
+    for name, (a, b) in {"deactivation": (before, zeroed), "quantization": (zeroed, after),
+                         "total": (before, after)}.items():
+        want = compare(a, b)
+        assert effect[name]["positions"] == sum(map(len, prompts)) == want.positions
+        assert effect[name]["argmax_agreement"] == pytest.approx(want.argmax_agreement)
+        assert effect[name]["kl_mean"] == pytest.approx(want.kl_mean, rel=1e-4, abs=1e-7)
+        assert effect[name]["max_logprob_change"] == pytest.approx(want.max_logprob_change, rel=1e-4, abs=1e-6)
+    assert effect["deactivation"]["kl_mean"] > 0 and effect["quantization"]["kl_mean"] > 0
+
+
+def test_kl_and_agreement_by_hand():
+    before = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), -1)
+    after = torch.log_softmax(torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), -1)
+    change = compare(before, after)
+    p = before[1].exp()
+    assert change.argmax_agreement == 0.5
+    assert change.kl_mean == pytest.approx(float((p * (before[1] - after[1])).sum()) / 2)
+    assert change.kl_max == pytest.approx(float((p * (before[1] - after[1])).sum()))
+
+
+def test_no_change_reports_zero_and_no_warning():
+    model = build_tiny_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared = fastrit.prepare(model, deactivate=None, train_layers=[1], quantize_frozen=None,
+                                   gradient_checkpointing=False, check_prompts=_prompts())
+    effect = prepared.fastrit_preparation.effect
+    assert effect["total"]["argmax_agreement"] == 1.0 and effect["total"]["kl_max"] < 1e-6
+    assert "quantization" not in effect
+
+
+def test_a_large_change_warns_and_names_deactivation():
+    model = build_tiny_model("llama")
+    half = {layer: list(range(0, 48, 2)) for layer in range(3)}
+    with pytest.warns(UserWarning, match="deactivating 72 neurons"):
+        prepared = fastrit.prepare(model, deactivate=half, train_layers=[1], quantize_frozen=None,
+                                   gradient_checkpointing=False, check_prompts=_prompts())
+    assert prepared.fastrit_preparation.effect["deactivation"]["argmax_agreement"] < 0.98
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    ({"check_prompts": [[]]}, "check_prompts"),
+    ({"check_prompts": "text"}, "check_prompts"),
+    ({"memory_budget": 0}, "memory_budget"),
+    ({"planned_batch": (8,)}, "planned_batch"),
+    ({"quantize_frozen": "int8"}, "quantize_frozen"),
+])
+def test_bad_input_names_the_argument_and_leaves_the_model_untouched(kwargs, argument):
+    model = build_tiny_model("llama")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, TypeError), match=argument):
+        fastrit.prepare(model, deactivate=None, train_layers=[1], **kwargs)
+    assert getattr(model, "fastrit_preparation", None) is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
