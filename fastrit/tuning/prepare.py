@@ -39,6 +39,7 @@ from ..arch import decoder_layers, linear_in_features
 from ..mining import SET_NAMES, NeuronSets
 from ..nn import NeuronMLP, NF4Linear
 from ..nn.mlp_layout import MLPLayout, is_bnb_4bit, is_conv1d, mlp_layout
+from .deactivation import DEFAULT_TOLERANCE, limit_deactivation
 from .effect import ARGMAX_AGREEMENT_WARNING, check_batch, compare, next_token_logprobs, zeroed_neurons
 
 __all__ = ["TRAIN_MODES", "QUANTIZE_MODES", "Preparation", "prepare"]
@@ -158,6 +159,7 @@ def prepare(
     memory_budget: int | None = None,
     planned_batch: tuple[int, int] = PLANNED_BATCH,
     check_prompts=None,
+    deactivation_tolerance: float | None = DEFAULT_TOLERANCE,
 ) -> nn.Module:
     """Prepare ``model`` for Neuro-RIT training, in place, and return it (see the module docstring).
 
@@ -178,6 +180,11 @@ def prepare(
         planned_batch: ``(batch size, sequence length)`` of training, for ``quantize_frozen="auto"``.
         check_prompts: a few prompts (a batch dict with ``input_ids`` / ``attention_mask``, or token id lists) on
             which the effect of deactivation and quantization is measured (see the module docstring).
+        deactivation_tolerance: with ``check_prompts`` and a ``deactivate`` set name of ``neuron_sets``: the largest
+            share of those prompts' positions whose most likely next token deactivation may change; the set's
+            neurons most specific to irrelevant contexts are kept, as many as stay within it
+            (fastrit.tuning.deactivation; the search is in ``Preparation.settings["deactivation_limit"]``). None:
+            the whole set, whatever it does.
 
     Raises ValueError/TypeError naming the argument, with the model untouched, for: neuron sets of another
     model shape or type, layers or neuron indices out of range, an unknown ``train`` / ``deactivate`` /
@@ -204,6 +211,15 @@ def prepare(
     deactivated = {} if deactivate is None else _neuron_map("deactivate", deactivate, neuron_sets, num_layers,
                                                            intermediate)
     deactivated = {layer: idx for layer, idx in deactivated.items() if idx.numel()}
+    if deactivation_tolerance is not None and (isinstance(deactivation_tolerance, bool) or not isinstance(
+            deactivation_tolerance, int | float) or not 0 <= deactivation_tolerance < 1):
+        raise ValueError(f"deactivation_tolerance: expected None or a share in [0, 1), got {deactivation_tolerance!r}")
+    deactivation_limit = None
+    if (deactivation_tolerance is not None and check is not None and isinstance(deactivate, str)
+            and neuron_sets is not None and deactivated and not _on_meta(model)):
+        deactivated, deactivation_limit = limit_deactivation(model, deactivated, neuron_sets, check,
+                                                             float(deactivation_tolerance))
+        logger.info("fastrit.prepare: deactivating %s", deactivation_limit)
     if train_layers is None:
         if neuron_sets is None:
             raise ValueError("train_layers: give the layers to train, or neuron_sets to take its target layers")
@@ -256,12 +272,17 @@ def prepare(
     settings = {"deactivate": deactivate if isinstance(deactivate, str | None) else "explicit",
                 "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
                 "quantize_frozen": quantize_frozen, "quantize_reason": quantize_reason,
+                "deactivation_limit": deactivation_limit,
                 "gradient_checkpointing": gradient_checkpointing}
     effect = {} if check is None else _measure_effect(model, check, before, deactivated_only, deactivated,
                                                       quantize_frozen)
     setattr(model, PREPARATION_ATTR, Preparation(deactivated, trainable if train != "lora" else {},
                                                  train_layers, settings, applied_lora, effect))
     return model
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def _choose_quantization(model, train, train_layers, trainable, gradient_checkpointing, memory_budget,

@@ -128,3 +128,68 @@ def test_bad_input_names_the_argument_and_leaves_the_model_untouched(kwargs, arg
         fastrit.prepare(model, deactivate=None, train_layers=[1], **kwargs)
     assert getattr(model, "fastrit_preparation", None) is None
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def _fake_sets(model, seed: int = 0):
+    """NeuronSets over the tiny model with random activation counts (20 examples per condition), selected with
+    share 0.5: a few dozen irrelevant-exclusive neurons of differing specificity."""
+    from fastrit.mining import NeuronSets
+    from fastrit.mining.stats import MiningStats
+
+    layers, intermediate = model.config.num_hidden_layers, model.config.intermediate_size
+    gen = torch.Generator().manual_seed(seed)
+    stats = MiningStats.zeros(layers, intermediate)
+    for condition in ("relevant", "irrelevant"):
+        stats.conditions[condition].counts = torch.randint(0, 21, (layers, intermediate), generator=gen)
+        stats.conditions[condition].examples = 20
+    return NeuronSets.from_stats(stats, share=0.5, top_n=None, target_layers=1, settings={},
+                                 model={"model_type": "llama", "num_layers": layers,
+                                        "intermediate_size": intermediate})
+
+
+def _argmax_agreement(model, prompts, neurons) -> float:
+    with torch.no_grad():
+        before = torch.cat([_logprobs(model(torch.tensor([p])).logits[0]) for p in prompts])
+        after = torch.cat([_logprobs(_reference_logits(model, torch.tensor([p]), neurons)[0]) for p in prompts])
+    return compare(before, after).argmax_agreement
+
+
+def test_deactivation_keeps_the_most_specific_neurons_that_stay_within_the_tolerance():
+    from fastrit.tuning.deactivation import ranked_neurons
+
+    original = build_tiny_model("llama")
+    sets = _fake_sets(original)
+    mined = sets.irrelevant_exclusive
+    prompts = _prompts()
+    tolerance = 0.1
+    prepared = fastrit.prepare(copy.deepcopy(original), sets, train_layers=[1], quantize_frozen=None,
+                               gradient_checkpointing=False, check_prompts=prompts,
+                               deactivation_tolerance=tolerance)
+    record = prepared.fastrit_preparation.settings["deactivation_limit"]
+    ranking = ranked_neurons(mined, sets)  # by hand below: the ranking's order
+    irrelevant = sets.counts["irrelevant"].double() / 20 - sets.counts["relevant"].double() / 20
+    specificity = [float(irrelevant[layer, index]) for layer, index in ranking]
+    assert specificity == sorted(specificity, reverse=True)
+    assert record["mined"] == len(ranking) == sum(len(v) for v in mined.values())
+    assert 0 < record["kept"] < record["mined"], record  # this tiny model: some fit, not all
+    kept = {}
+    for layer, index in ranking[: record["kept"]]:
+        kept.setdefault(layer, []).append(index)
+    got = prepared.fastrit_preparation.deactivated
+    assert {layer: sorted(v) for layer, v in kept.items()} == {layer: v.tolist() for layer, v in got.items()}
+    assert _argmax_agreement(original, prompts, kept) >= 1 - tolerance
+    one_more = copy.deepcopy(kept)
+    layer, index = ranking[record["kept"]]
+    one_more.setdefault(layer, []).append(index)
+    assert _argmax_agreement(original, prompts, one_more) < 1 - tolerance
+
+
+def test_deactivation_without_a_tolerance_or_prompts_takes_the_whole_set():
+    original = build_tiny_model("llama")
+    sets = _fake_sets(original)
+    whole = {layer: v.tolist() for layer, v in sets.irrelevant_exclusive.items() if len(v)}
+    for kwargs in ({"check_prompts": _prompts(), "deactivation_tolerance": None}, {}):
+        prepared = fastrit.prepare(copy.deepcopy(original), sets, train_layers=[1], quantize_frozen=None,
+                                   gradient_checkpointing=False, **kwargs)
+        assert {layer: v.tolist() for layer, v in prepared.fastrit_preparation.deactivated.items()} == whole
+        assert prepared.fastrit_preparation.settings["deactivation_limit"] is None
