@@ -114,7 +114,11 @@ setup(
             "knowledge-neurons==0.0.2",
             "einops>=0.6",
             "ruff>=0.5",
+            # tests/real: the real pretrained model (SmolLM2-135M-Instruct) ships as a GGUF file
+            "gguf>=0.10",
         ],
+        # fastrit.models.load_causal_lm / --model of a .gguf file (transformers' GGUF reader needs it)
+        "gguf": ["gguf>=0.10"],
     },
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
