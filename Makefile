@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_prepare --rounds 3
 	$(PY) -m benchmarks.bench_tune
 	$(PY) -m benchmarks.bench_8b_cpu
+	$(PY) -m benchmarks.bench_real
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastrit kernels benchmarks tests build_cuda.py setup.py

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -503,10 +504,17 @@ def test_top_level_kernels_name_is_not_taken(tmp_path):
         "assert not hasattr(kernels, 'swiglu_fwd')\n"
         "try:\n"
         "    from kernels import get_kernel\n"
+        "    print('pypi')\n"
         "except ImportError:\n"
         "    print('absent')\n"
     )
-    assert _python(code, ROOT, {"PYTHONPATH": str(ROOT)}).strip() == "absent"
+    # transformers 5.25 depends on the PyPI package, so it may be installed; either way never fastrit's kernels
+    try:
+        metadata.version("kernels")
+        installed = "pypi"
+    except metadata.PackageNotFoundError:
+        installed = "absent"
+    assert _python(code, ROOT, {"PYTHONPATH": str(ROOT)}).strip() == installed
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills_or_oversized_grids(tmp_path):
