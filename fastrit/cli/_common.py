@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -49,7 +50,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default_split: str = 
     group.add_argument("--k", type=int, default=5, help="passages per prompt")
     group.add_argument("--template", default=None,
                        help="prompt template: a format string with {passages} and {question}, or 'chat' "
-                            "(default: 'Passage: ... Question: ... Answer:')")
+                            "(default: the tokenizer's chat template when it has one, else 'Passage: ... "
+                            "Question: ... Answer:')")
     group.add_argument("--seed", type=int, default=0, help="seed of the passage shuffling in prompts")
     if max_length:
         group.add_argument("--max-length", type=int, default=None,
@@ -135,8 +137,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                             "the device's memory (or --memory-budget), NF4 only when it must")
     group.add_argument("--no-quantize", action="store_true", help="the same as --quantize none")
     group.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
-                       help="memory the run may use, in GiB, for --quantize auto (default: the device's free "
-                            "memory)")
+                       help="memory the run may use, in GiB, for --quantize auto (default: 0.9 x the device's "
+                            "available memory plus what the model holds)")
     group.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
 
 
@@ -151,11 +153,15 @@ def prepare_settings(args: argparse.Namespace):
         sets = NeuronSets.load(args.neuron_sets)
     elif args.train_layers is None:
         raise ValueError("--train-layers: give the layers to train, or --neuron-sets to take its target layers")
+    if args.no_quantize and args.quantize != "auto":
+        raise ValueError(f"--no-quantize: conflicts with --quantize {args.quantize}; give one of them")
     quantize = "none" if args.no_quantize else args.quantize
+    if args.memory_budget is not None and quantize != "auto":
+        raise ValueError("--memory-budget: only --quantize auto uses it")
     kwargs = dict(train=args.train, quantize_frozen=None if quantize == "none" else quantize,
                   gradient_checkpointing=not args.no_checkpointing)
     if args.memory_budget is not None:
-        if args.memory_budget <= 0:
+        if not math.isfinite(args.memory_budget) or args.memory_budget <= 0:
             raise ValueError(f"--memory-budget: expected a positive number of GiB, got {args.memory_budget}")
         kwargs["memory_budget"] = int(args.memory_budget * 2**30)
     if args.train_layers is not None:

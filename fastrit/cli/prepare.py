@@ -22,9 +22,10 @@ __all__ = ["add_parsers"]
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     prepare = subparsers.add_parser(
         "prepare", formatter_class=HelpFormatter,
-        help="deactivate neurons, freeze in NF4, choose what trains; save that as a delta",
+        help="deactivate neurons, freeze the rest (NF4 if it must), choose what trains; save that as a delta",
         description="fastrit.prepare on the model: the neuron sets' irrelevant-exclusive neurons removed, the target "
-                    "layers' MLPs (or chosen neurons, or LoRA adapters) trainable, everything else frozen in NF4. "
+                    "layers' MLPs (or chosen neurons, or LoRA adapters) trainable, everything else frozen (in NF4 when "
+                    "training would not fit the memory unquantized: --quantize). "
                     "Prints what trains per layer and writes the delta (fastrit.save_delta) that `fastrit eval`, "
                     "`fastrit export` and fastrit.load_delta read.",
     )

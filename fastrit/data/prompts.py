@@ -116,10 +116,14 @@ def answer_separator(prompt: str) -> str:
 
 def encode_pair(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
     """The prompt's ids and the answer's, tokenized as the answer continues the prompt (after
-    :func:`answer_separator`): after a chat template's assistant header the answer starts without a space token."""
+    :func:`answer_separator`): after a chat template's assistant header the answer starts without a space token. A
+    prompt that already starts with the BOS token's text gets no second BOS token."""
     separator = answer_separator(prompt)
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    full = tokenizer(f"{prompt}{separator}{answer}")["input_ids"]
+    # a chat template writes the BOS token into the text itself (Llama-3, Gemma): the tokenizer adds no second one
+    bos = getattr(tokenizer, "bos_token", None)
+    special = not (isinstance(bos, str) and bos and prompt.startswith(bos))
+    prompt_ids = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    full = tokenizer(f"{prompt}{separator}{answer}", add_special_tokens=special)["input_ids"]
     if full[: len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
         return prompt_ids, full[len(prompt_ids) :]
     return prompt_ids, tokenizer(f"{separator}{answer}", add_special_tokens=False)["input_ids"]

@@ -70,6 +70,8 @@ def choose_quantization(model: nn.Module, *, train: str, train_layers: list[int]
         return None, f"kept in {param.dtype}: no NF4 plan for it"
     device = param.device
     if memory_budget is None:
+        if device.type not in ("cuda", "cpu"):
+            return None, f"kept in {dtype}: the free memory of a {device.type} device is unknown; pass memory_budget"
         budget = int(FIT_MARGIN * (available_memory(device) + model_bytes(model)))
         source = f"{device.type} memory available ({budget / 2**30:.1f} GiB with the model, x{FIT_MARGIN})"
     else:
@@ -77,10 +79,14 @@ def choose_quantization(model: nn.Module, *, train: str, train_layers: list[int]
         source = f"memory_budget {budget / 2**30:.1f} GiB"
     batch_size, seq_len = planned_batch
     train_layer_list = list(train_layers) or [0]
-    plan = plan_memory(model.config, seq_len=seq_len, batch_size=batch_size, train=train,
-                       train_layers=train_layer_list, neurons=neurons, quantize_frozen=None,
-                       gradient_checkpointing=gradient_checkpointing, dtype=dtype,
-                       device="cuda" if device.type == "cuda" else "cpu")
+    try:
+        plan = plan_memory(model.config, seq_len=seq_len, batch_size=batch_size, train=train,
+                           train_layers=train_layer_list, neurons=neurons, quantize_frozen=None,
+                           gradient_checkpointing=gradient_checkpointing, dtype=dtype,
+                           device="cuda" if device.type == "cuda" else "cpu")
+    except (AttributeError, KeyError, TypeError, ValueError) as error:  # a config plan_memory cannot read
+        return None, (f"kept in {dtype}: no memory plan for this model ({error}); pass quantize_frozen='nf4' to "
+                      "save memory")
     need = plan.peak_bytes
     if need <= budget:
         return None, (f"kept in {dtype}: the step needs {need / 2**30:.2f} GiB unquantized "

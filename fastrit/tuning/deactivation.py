@@ -62,6 +62,8 @@ def limit_deactivation(model: nn.Module, neurons: Mapping[int, torch.Tensor], ne
         evaluations += 1
         if agreement(high) >= 1 - tolerance:
             low = high
+        else:
+            high -= 1
     while low < high:
         middle = (low + high + 1) // 2
         evaluations += 1

@@ -22,7 +22,7 @@ __all__ = ["ARGMAX_AGREEMENT_WARNING", "ModelChange", "check_batch", "compare", 
 
 #: prepare warns when fewer than this share of positions keep their most likely next token
 ARGMAX_AGREEMENT_WARNING = 0.98
-#: most positions whose next-token distributions are kept to compare (float32 on the CPU: positions x vocab)
+#: most positions compared, shared equally by the prompts (each kept as float32 on the CPU: positions x vocab)
 MAX_POSITIONS = 512
 
 
@@ -83,20 +83,25 @@ def check_batch(prompts) -> dict[str, torch.Tensor]:
 def next_token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor],
                         max_positions: int = MAX_POSITIONS) -> torch.Tensor:
     """``[P, V]`` float32 (CPU) log-probabilities of the next token at the attended positions of ``batch``, row by
-    row, the last ``max_positions`` of them at most. The model runs in eval mode and is given back in its mode."""
+    row: the last ``max_positions // rows`` positions of each row (every row weighs the same; what is kept is
+    positions x vocabulary floats). The model runs in eval mode and is given back in its mode."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    count = batch["input_ids"].shape[0]
+    per_row = max(1, max_positions // count)
     rows = []
     try:
-        for row in range(batch["input_ids"].shape[0]):
+        for row in range(count):
             keep = batch["attention_mask"][row].bool()
             ids = batch["input_ids"][row][keep][None].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[0]
+            if ids.shape[1] == 0:
+                raise ValueError(f"check_prompts: prompt {row} has no attended token")
+            logits = model(input_ids=ids, use_cache=False).logits[0, -per_row:]
             rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(rows)[-max_positions:]
+    return torch.cat(rows)
 
 
 def compare(before: torch.Tensor, after: torch.Tensor) -> ModelChange:

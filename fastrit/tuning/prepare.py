@@ -214,12 +214,6 @@ def prepare(
     if deactivation_tolerance is not None and (isinstance(deactivation_tolerance, bool) or not isinstance(
             deactivation_tolerance, int | float) or not 0 <= deactivation_tolerance < 1):
         raise ValueError(f"deactivation_tolerance: expected None or a share in [0, 1), got {deactivation_tolerance!r}")
-    deactivation_limit = None
-    if (deactivation_tolerance is not None and check is not None and isinstance(deactivate, str)
-            and neuron_sets is not None and deactivated and not _on_meta(model)):
-        deactivated, deactivation_limit = limit_deactivation(model, deactivated, neuron_sets, check,
-                                                             float(deactivation_tolerance))
-        logger.info("fastrit.prepare: deactivating %s", deactivation_limit)
     if train_layers is None:
         if neuron_sets is None:
             raise ValueError("train_layers: give the layers to train, or neuron_sets to take its target layers")
@@ -228,6 +222,14 @@ def prepare(
             isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_layers for t in train_layers):
         raise ValueError(f"train_layers: expected layer indices in [0, {num_layers}), got {train_layers!r}")
     train_layers = sorted(set(train_layers))
+    if train == "lora" and lora_config is not None and type(lora_config).__name__ != "LoraConfig":
+        raise TypeError(f"lora_config: expected a peft.LoraConfig, got {type(lora_config).__name__}")
+    deactivation_limit = None  # forward passes only, so after the cheap checks
+    if (deactivation_tolerance is not None and check is not None and isinstance(deactivate, str)
+            and neuron_sets is not None and deactivated and not _on_meta(model)):
+        deactivated, deactivation_limit = limit_deactivation(model, deactivated, neuron_sets, check,
+                                                             float(deactivation_tolerance))
+        logger.info("fastrit.prepare: deactivating %s", deactivation_limit)
     everything = torch.arange(intermediate)
     kept = {layer: everything[~torch.isin(everything, deactivated.get(layer, torch.empty(0, dtype=torch.long)))]
             for layer in range(num_layers)}
@@ -241,8 +243,6 @@ def prepare(
             if bool(torch.isin(picked, deactivated.get(layer, torch.empty(0, dtype=torch.long))).any()):
                 raise ValueError(f"neurons: layer {layer}: a trainable neuron is also deactivated")
             trainable[layer] = picked
-    elif lora_config is not None and type(lora_config).__name__ != "LoraConfig":
-        raise TypeError(f"lora_config: expected a peft.LoraConfig, got {type(lora_config).__name__}")
 
     # --- nothing above changed the model. The changes are rehearsed on a copy of it on the meta device (no memory),
     # so that anything that would fail half-way (e.g. a LoraConfig PEFT refuses) fails before the model is touched.
@@ -274,10 +274,11 @@ def prepare(
                 "quantize_frozen": quantize_frozen, "quantize_reason": quantize_reason,
                 "deactivation_limit": deactivation_limit,
                 "gradient_checkpointing": gradient_checkpointing}
-    effect = {} if check is None else _measure_effect(model, check, before, deactivated_only, deactivated,
-                                                      quantize_frozen)
-    setattr(model, PREPARATION_ATTR, Preparation(deactivated, trainable if train != "lora" else {},
-                                                 train_layers, settings, applied_lora, effect))
+    preparation = Preparation(deactivated, trainable if train != "lora" else {}, train_layers, settings,
+                              applied_lora)
+    setattr(model, PREPARATION_ATTR, preparation)  # the model is prepared: recorded before anything else can fail
+    if check is not None:
+        preparation.effect = _measure_effect(model, check, before, deactivated_only, deactivated, quantize_frozen)
     return model
 
 
@@ -300,7 +301,12 @@ def _choose_quantization(model, train, train_layers, trainable, gradient_checkpo
 def _measure_effect(model, check, before, deactivated_only, deactivated, quantize_frozen) -> dict:
     """Preparation.effect: what deactivation, quantization and both did to the next-token predictions; logged,
     and a warning naming the cause when the most likely token changes on more than 2 % of positions."""
-    after = next_token_logprobs(model, check)
+    try:
+        after = next_token_logprobs(model, check)
+    except Exception as error:  # noqa: BLE001 - a diagnostic: the prepared model is complete without it
+        warnings.warn(f"fastrit.prepare: could not measure the prepared model on check_prompts: {error!r}",
+                      stacklevel=3)
+        return {}
     changes = {"deactivation": compare(before, deactivated_only), "total": compare(before, after)}
     if quantize_frozen == "nf4":
         changes["quantization"] = compare(deactivated_only, after)

@@ -124,8 +124,8 @@ def _per_stage(name: str, value, stage: str):
 
 def _prepare_defaults(prepare_kwargs: dict, examples: dict, batch_size) -> dict:
     """prepare's arguments with tune's defaults filled in: the training batch that ``quantize_frozen="auto"`` plans
-    for (the largest stage batch size, the longest example) and a few denoise prompts to measure what deactivation
-    and quantization do to the model on (``check_prompts``)."""
+    for (the largest stage batch size, the longest example) and the first stage's first prompts, on which prepare
+    limits and measures deactivation and quantization (``check_prompts``)."""
     out = dict(prepare_kwargs)
     sizes = list(batch_size.values()) if isinstance(batch_size, Mapping) else [batch_size]
     longest = max(len(row) for built in examples.values() for row in built.dataset["input_ids"])
@@ -200,7 +200,11 @@ def tune(
             of the two formats the model answers. Once the model has been through the distill stage, which
             teaches it to write its evidence first, also ``"answer_after_own_evidence"`` and ``"marker_written"``
             (the answer after its greedy evidence: fastrit.tuning.metrics.answer_loss_after_evidence).
-        prepare_kwargs: passed to :func:`fastrit.prepare` (train, train_layers, deactivate, neurons, ...).
+        prepare_kwargs: passed to :func:`fastrit.prepare` (train, train_layers, deactivate, neurons, ...). Unless
+            given, tune fills in ``planned_batch`` (its largest batch size, its longest example) for
+            ``quantize_frozen="auto"``, and ``check_prompts``: the prompts of the first 8 examples of the first
+            stage, on which prepare limits the deactivated neurons (``deactivation_tolerance``) and measures what
+            deactivation and quantization did (``check_prompts=None`` turns both off).
 
     Everything is checked before training starts: unknown stage names, data of the wrong type, records without
     answers (no examples), a distill stage without any evidence, and an output folder of another run.

@@ -138,3 +138,20 @@ def test_tensors_are_left_padded_for_attribution_and_generation(records, tokeniz
         assert batch["input_ids"][row, :-n].eq(tokenizer.pad_token_id).all()
         target = batch["target_ids"][row]
         assert target[target != -100].tolist() == out.target_ids[row]
+
+
+def test_a_chat_template_that_writes_the_bos_token_gets_no_second_one():
+    from tests.tiny_models import word_tokenizer
+
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = word_tokenizer(["hello", "world", "Answer", ":"],
+                               chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    bos = (tokenizer.bos_token, tokenizer.bos_token_id)  # a tokenizer that adds BOS itself, as Llama-3's does
+    tokenizer._tokenizer.post_processor = TemplateProcessing(single=f"{bos[0]} $A", special_tokens=[bos])
+    assert tokenizer("hello")["input_ids"][0] == bos[1]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hello world"}], tokenize=False)
+    assert prompt.startswith(tokenizer.bos_token)
+    prompt_ids, answer_ids = data.encode_pair(tokenizer, prompt, "world")
+    assert prompt_ids.count(tokenizer.bos_token_id) == 1
+    assert answer_ids == tokenizer(" world", add_special_tokens=False)["input_ids"]

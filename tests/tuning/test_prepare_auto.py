@@ -193,3 +193,24 @@ def test_deactivation_without_a_tolerance_or_prompts_takes_the_whole_set():
                                    gradient_checkpointing=False, **kwargs)
         assert {layer: v.tolist() for layer, v in prepared.fastrit_preparation.deactivated.items()} == whole
         assert prepared.fastrit_preparation.settings["deactivation_limit"] is None
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3", "gemma2", "qwen2"])
+def test_auto_works_on_every_family(family):
+    prepared = fastrit.prepare(build_tiny_model(family), deactivate=None, train_layers=[1],
+                               gradient_checkpointing=False)
+    settings = prepared.fastrit_preparation.settings
+    assert settings["quantize_frozen"] in (None, "nf4") and settings["quantize_reason"].startswith(("kept", "NF4"))
+
+
+def test_a_warning_raised_as_an_error_leaves_the_model_recorded_as_prepared():
+    model = build_tiny_model("llama")
+    half = {layer: list(range(0, 48, 2)) for layer in range(3)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="deactivating 72 neurons"):
+            fastrit.prepare(model, deactivate=half, train_layers=[1], quantize_frozen=None,
+                            gradient_checkpointing=False, check_prompts=_prompts())
+    assert model.fastrit_preparation is not None  # prepared, and refused a second time
+    with pytest.raises(ValueError, match="already prepared"):
+        fastrit.prepare(model, deactivate=None, train_layers=[1])
