@@ -141,9 +141,9 @@ def test_tensors_are_left_padded_for_attribution_and_generation(records, tokeniz
 
 
 def test_a_chat_template_that_writes_the_bos_token_gets_no_second_one():
-    from tests.tiny_models import word_tokenizer
-
     from tokenizers.processors import TemplateProcessing
+
+    from tests.tiny_models import word_tokenizer
 
     tokenizer = word_tokenizer(["hello", "world", "Answer", ":"],
                                chat_template="{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
