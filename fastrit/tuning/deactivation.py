@@ -45,12 +45,13 @@ def _as_map(pairs: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
 
 
 def limit_deactivation(model: nn.Module, neurons: Mapping[int, torch.Tensor], neuron_sets: NeuronSets,
-                       check: dict[str, torch.Tensor], tolerance: float) -> tuple[dict[int, torch.Tensor], dict]:
+                       check: dict[str, torch.Tensor], before: torch.Tensor,
+                       tolerance: float) -> tuple[dict[int, torch.Tensor], dict]:
     """``(the neurons to deactivate, a record of the search)``: the longest prefix of :func:`ranked_neurons` whose
     zeroing keeps the argmax next token on at least ``1 - tolerance`` of the positions of ``check`` (a batch of
-    ``input_ids`` / ``attention_mask``). The model is run with hooks only and left as it was."""
+    ``input_ids`` / ``attention_mask``); ``before``: the model's own :func:`next_token_logprobs` on ``check``. The
+    model is run with hooks only and left as it was."""
     ranking = ranked_neurons(neurons, neuron_sets)
-    before = next_token_logprobs(model, check)
 
     def agreement(count: int) -> float:
         with zeroed_neurons(model, _as_map(ranking[:count])):

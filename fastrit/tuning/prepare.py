@@ -224,10 +224,12 @@ def prepare(
     train_layers = sorted(set(train_layers))
     if train == "lora" and lora_config is not None and type(lora_config).__name__ != "LoraConfig":
         raise TypeError(f"lora_config: expected a peft.LoraConfig, got {type(lora_config).__name__}")
-    deactivation_limit = None  # forward passes only, so after the cheap checks
+    # forward passes only, so after the cheap checks; the original model's predictions serve the search and the report
+    before = None if check is None else next_token_logprobs(model, check)
+    deactivation_limit = None
     if (deactivation_tolerance is not None and check is not None and isinstance(deactivate, str)
             and neuron_sets is not None and deactivated and not _on_meta(model)):
-        deactivated, deactivation_limit = limit_deactivation(model, deactivated, neuron_sets, check,
+        deactivated, deactivation_limit = limit_deactivation(model, deactivated, neuron_sets, check, before,
                                                              float(deactivation_tolerance))
         logger.info("fastrit.prepare: deactivating %s", deactivation_limit)
     everything = torch.arange(intermediate)
@@ -256,9 +258,8 @@ def prepare(
         quantize_frozen, quantize_reason = _choose_quantization(model, train, train_layers, trainable,
                                                                 gradient_checkpointing, memory_budget, planned_batch)
         logger.info("fastrit.prepare: frozen layers %s", quantize_reason)
-    before = deactivated_only = None
+    deactivated_only = None
     if check is not None:
-        before = next_token_logprobs(model, check)
         with zeroed_neurons(model, deactivated):
             deactivated_only = next_token_logprobs(model, check) if deactivated else before
     applied_lora = _modify(model, **plan, quantize=quantize_frozen == "nf4")
