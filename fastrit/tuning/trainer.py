@@ -140,6 +140,21 @@ def _prepare_defaults(prepare_kwargs: dict, examples: dict, batch_size) -> dict:
     return out
 
 
+def _as_prepared_before(prepare_kwargs: dict, prepared: dict | None) -> dict:
+    """On resume, prepare's choices that depend on the machine or the model's outputs (``quantize_frozen="auto"``,
+    the deactivated prefix the tolerance allowed) made as the interrupted run made them (``prepared``, from its
+    fastrit_run.json), so that the resumed stages train the same tensors on the same model; as given otherwise.
+    The resumed Preparation then says ``deactivate="explicit"``."""
+    if not prepared:
+        return prepare_kwargs
+    out = dict(prepare_kwargs)
+    if out.get("quantize_frozen", "auto") == "auto":
+        out["quantize_frozen"] = prepared["quantize_frozen"]
+    if isinstance(out.get("deactivate", "irrelevant_exclusive"), str):
+        out["deactivate"] = {int(layer): idx for layer, idx in prepared["deactivated"].items()}
+    return out
+
+
 def _fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -237,6 +252,7 @@ def tune(
                      "max_steps"):
             _per_stage(name, settings[name], stage)
     run_file = output_dir / "fastrit_run.json"
+    previous: dict = {}
     if run_file.exists():
         previous = json.loads(run_file.read_text())
         if previous.get("fingerprint") != _fingerprint(settings):
@@ -264,7 +280,8 @@ def tune(
 
     unprepared = getattr(model, PREPARATION_ATTR, None) is None
     if unprepared:
-        prepare_kwargs = _prepare_defaults(prepare_kwargs, examples, batch_size)
+        prepare_kwargs = _prepare_defaults(_as_prepared_before(prepare_kwargs, previous.get("prepared")), examples,
+                                           batch_size)
     if eval_set is not None and "before" not in losses:
         if unprepared:  # prepare's checks first, on a meta copy, so bad input costs no evaluation
             prepare_on_meta(model, neuron_sets, **prepare_kwargs)
@@ -281,8 +298,11 @@ def tune(
         for name, change in preparation.effect.items():
             logger.warning(f"fastrit.tune: the untrained model after {name}: " + str(ModelChange(**change)))
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_file, json.dumps({"fingerprint": _fingerprint(settings), "settings": settings},
-                                           indent=1, default=str))
+    preparation = getattr(model, PREPARATION_ATTR)
+    prepared = {"quantize_frozen": preparation.settings.get("quantize_frozen"),
+                "deactivated": {str(layer): idx.tolist() for layer, idx in preparation.deactivated.items()}}
+    write_text_atomic(run_file, json.dumps({"fingerprint": _fingerprint(settings), "settings": settings,
+                                            "prepared": prepared}, indent=1, default=str))
     if eval_set is not None:
         write_text_atomic(eval_file, json.dumps(losses, indent=1))
     cuda = next(model.parameters()).is_cuda

@@ -132,3 +132,37 @@ def test_bad_input_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="^model"):
         fastrit.NeuroRITTrainer(reader, transformers.TrainingArguments(output_dir=str(tmp_path / "g"),
                                                                        report_to=[], use_cpu=True))
+
+
+def test_a_resumed_run_makes_prepares_choices_as_the_interrupted_run_made_them(tmp_path, monkeypatch):
+    # quantize_frozen="auto" depends on the memory free at the time and the deactivation limit on forward passes:
+    # a resumed run takes both from the interrupted run's fastrit_run.json instead of choosing again
+    import json
+    import sys
+
+    from fastrit.nn import NF4Linear
+    from tests.tuning.test_prepare_auto import _fake_sets
+
+    sets = _fake_sets(demo.load_model()[0])
+    auto = dict(neuron_sets=sets, deactivate="irrelevant_exclusive", train="mlp", quantize_frozen="auto",
+                stages=("denoise",))
+    whole, _ = _tune(tmp_path / "whole", **auto)
+    with pytest.raises(KeyboardInterrupt):
+        _tune(tmp_path / "cut", callbacks=[_Interrupt("1-denoise", 2)], **auto)
+    prepared = json.loads((tmp_path / "cut" / "fastrit_run.json").read_text())["prepared"]
+    assert prepared["quantize_frozen"] is None
+    assert prepared["deactivated"] == {str(layer): v.tolist()
+                                       for layer, v in whole.fastrit_preparation.deactivated.items()}
+    assert prepared["deactivated"], "the tolerance kept no neuron: the test would not see the deactivation pinned"
+
+    def choose_again(*args, **kwargs):
+        raise AssertionError("prepare chose again on resume")
+
+    monkeypatch.setattr("fastrit.tuning.auto.choose_quantization", lambda *a, **k: ("nf4", "pretend: no memory"))
+    monkeypatch.setattr(sys.modules["fastrit.tuning.prepare"], "limit_deactivation", choose_again)
+    resumed, _ = _tune(tmp_path / "cut", **auto)
+    assert not any(isinstance(m, NF4Linear) for m in resumed.modules())
+    assert {str(layer): v.tolist() for layer, v in resumed.fastrit_preparation.deactivated.items()} \
+        == prepared["deactivated"]
+    for name, param in whole.named_parameters():
+        assert torch.equal(param, resumed.get_parameter(name)), name
