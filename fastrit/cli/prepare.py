@@ -8,15 +8,19 @@ from pathlib import Path
 
 from ._common import (
     HelpFormatter,
+    add_data_arguments,
     add_delta_argument,
     add_model_arguments,
     add_prepare_arguments,
     delta_path,
+    load_data,
     load_model,
     prepare_settings,
 )
 
 __all__ = ["add_parsers"]
+
+CHECK_PROMPTS = 8
 
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -25,12 +29,18 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="deactivate neurons, freeze the rest (NF4 if it must), choose what trains; save that as a delta",
         description="fastrit.prepare on the model: the neuron sets' irrelevant-exclusive neurons removed, the target "
                     "layers' MLPs (or chosen neurons, or LoRA adapters) trainable, everything else frozen (in NF4 when "
-                    "training would not fit the memory unquantized: --quantize). "
+                    "training would not fit the memory unquantized: --quantize). Deactivation is limited to the "
+                    "neurons that leave 98 %% of the next tokens of --check-prompts noisy-context prompts of --data "
+                    "as they were, and what deactivation and quantization did to those prompts is printed. "
                     "Prints what trains per layer and writes the delta (fastrit.save_delta) that `fastrit eval`, "
                     "`fastrit export` and fastrit.load_delta read.",
     )
     add_model_arguments(prepare)
     add_prepare_arguments(prepare)
+    add_data_arguments(prepare, default_split="train")
+    prepare.add_argument("--check-prompts", type=int, default=CHECK_PROMPTS, metavar="N",
+                         help="noisy-context prompts of the first --data records on which deactivation is limited "
+                              "and the change to the model measured (0: none; every mined neuron deactivated)")
     prepare.add_argument("--out", metavar="FILE", default="prepared.safetensors", help="the delta file to write")
     prepare.set_defaults(run=run_prepare)
 
@@ -51,17 +61,48 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> None:
     from ..tuning import prepare, save_delta, trainable_summary
+    from ..tuning.effect import ModelChange
 
     out = Path(args.out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out: no such folder: {str(out.parent)!r}")
+    if args.check_prompts < 0:
+        raise ValueError(f"--check-prompts: expected a count >= 0, got {args.check_prompts}")
     sets, kwargs = prepare_settings(args)
-    model, _ = load_model(args)
+    data = load_data(args) if args.check_prompts else None
+    model, tokenizer = load_model(args)
+    if data is not None:
+        kwargs["check_prompts"] = _check_prompts(data, tokenizer, model, args)
     prepare(model, sets, **kwargs)
-    print(f"frozen layers: {model.fastrit_preparation.settings['quantize_reason']}")
+    preparation = model.fastrit_preparation
+    print(f"frozen layers: {preparation.settings['quantize_reason']}")
+    if preparation.settings["deactivation_limit"] is not None:
+        print(f"deactivated: {preparation.settings['deactivation_limit']}")
+    for name, change in preparation.effect.items():
+        print(f"the untrained model after {name}: {ModelChange(**change)}")
     trainable_summary(model)
     save_delta(model, out)
     print(f"saved to {out}")
+
+
+def _check_prompts(data, tokenizer, model, args) -> list[list[int]]:
+    """The prompts of the first ``--check-prompts`` noisy-context examples of ``--data``, built as tune builds its
+    first stage's (so that `fastrit prepare` and `fastrit tune` deactivate the same neurons)."""
+    from ..data import RagData
+    from ..tuning.stages import stage_data
+
+    def build(records):
+        return stage_data(records, tokenizer, "denoise", k=args.k, template=args.template,
+                          max_length=args.max_length, seed=args.seed, model=model)
+
+    # each record's prompt depends on its index only: a prefix of the records gives tune's first prompts
+    built = build(RagData(data.records.select(range(min(len(data), 4 * args.check_prompts)))))
+    if len(built) < args.check_prompts:
+        built = build(data)
+    if len(built) == 0:
+        raise ValueError(f"--data: no noisy-context prompt could be built from its {len(data)} records "
+                         f"(skipped: {built.skipped})")
+    return built.prompts(args.check_prompts)
 
 
 def run_export(args: argparse.Namespace) -> None:

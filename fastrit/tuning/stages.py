@@ -40,6 +40,13 @@ class StageData:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def prompts(self, n: int) -> list[list[int]]:
+        """The prompt token ids (the tokens before the first labelled one) of the first ``n`` examples."""
+        out = []
+        for ids, labels in zip(self.dataset["input_ids"][:n], self.dataset["labels"][:n], strict=True):
+            out.append(ids[: next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(ids))])
+        return out
+
 
 def stage_data(data: RagData, tokenizer, stage: str, *, k: int = 5, template: str | None = None,
                max_length: int | None = None, seed: int = 0, model=None) -> StageData:

@@ -131,12 +131,7 @@ def _prepare_defaults(prepare_kwargs: dict, examples: dict, batch_size) -> dict:
     longest = max(len(row) for built in examples.values() for row in built.dataset["input_ids"])
     out.setdefault("planned_batch", (max(sizes), longest))
     if "check_prompts" not in out:
-        first = next(iter(examples.values()))
-        prompts = []
-        for ids, labels in zip(first.dataset["input_ids"][:CHECK_PROMPTS], first.dataset["labels"][:CHECK_PROMPTS],
-                               strict=True):
-            prompts.append(ids[: next((i for i, label in enumerate(labels) if label != -100), len(ids))])
-        out["check_prompts"] = prompts
+        out["check_prompts"] = next(iter(examples.values())).prompts(CHECK_PROMPTS)
     return out
 
 

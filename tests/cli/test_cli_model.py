@@ -11,6 +11,7 @@ import fastrit
 from fastrit import demo
 from fastrit.cli import main
 from fastrit.cli._common import delta_path
+from fastrit.tuning.stages import stage_data
 
 
 def test_prepare_eval_and_export_agree(tmp_path, capsys):
@@ -18,7 +19,24 @@ def test_prepare_eval_and_export_agree(tmp_path, capsys):
     assert main(["mine", "--out", str(mined), "--max-examples", "8", "--steps", "2", "--no-progress"]) == 0
     delta = tmp_path / "prepared.safetensors"
     assert main(["prepare", "--neuron-sets", str(mined), "--train", "neurons", "--out", str(delta)]) == 0
-    assert "trainable" in capsys.readouterr().out and delta.is_file()
+    printed = capsys.readouterr().out
+    assert "trainable" in printed and delta.is_file()
+    assert "the untrained model after deactivation" in printed and "deactivated: {" in printed
+    # deactivation limited on the prompts tune would check: the first 8 noisy-context training prompts
+    sets = fastrit.NeuronSets.load(mined)
+    model, tokenizer = demo.load_model()
+    train = fastrit.data.RagData(demo.load_data("train").records.select(range(32)))
+    prompts = stage_data(train, tokenizer, "denoise").prompts(8)
+    fastrit.prepare(model, sets, train="neurons", check_prompts=prompts)
+    written = fastrit.load_delta(demo.load_model()[0], delta).fastrit_preparation
+    assert {k: v.tolist() for k, v in written.deactivated.items()} \
+        == {k: v.tolist() for k, v in model.fastrit_preparation.deactivated.items()}
+    whole = tmp_path / "whole.safetensors"
+    assert main(["prepare", "--neuron-sets", str(mined), "--check-prompts", "0", "--out", str(whole)]) == 0
+    assert "the untrained model after" not in capsys.readouterr().out
+    assert {k: v.tolist() for k, v in fastrit.load_delta(demo.load_model()[0], whole)
+            .fastrit_preparation.deactivated.items()} \
+        == {k: v.tolist() for k, v in sets.irrelevant_exclusive.items() if len(v)}
     scores = tmp_path / "scores.json"
     assert main(["eval", "--delta", str(delta), "--max-examples", "12", "--max-new-tokens", "4", "--no-progress",
                  "--out", str(scores)]) == 0
@@ -78,6 +96,7 @@ def test_a_tune_folder_names_its_last_finished_stage(tmp_path):
     (["eval", "--delta", "{tmp}"], "--delta: .* no finished"),
     (["eval", "--out", "{tmp}/no/such/scores.json"], "--out: no such folder"),
     (["prepare"], "--train-layers"),
+    (["prepare", "--train-layers", "1", "--check-prompts", "-1"], "--check-prompts"),
     (["prepare", "--train-layers", "1", "--out", "{tmp}/no/such/delta.safetensors"], "--out: no such folder"),
     (["export", "--delta", "{tmp}/a-file", "--out", "{tmp}"], "--out: .* not an empty folder"),
 ])
