@@ -11,12 +11,14 @@ Phases (seconds and peak RSS of each):
    fastrit's default.
 3. ``neuro-rit``: fastrit.tune on ``--train-records`` train records with prepare's defaults (deactivate the
    irrelevant-exclusive neurons, train the target layers' MLPs, quantize_frozen="auto"), ``--steps`` optimizer
-   steps per stage (denoise, distill), batch ``--batch-size``, tune's default learning rate unless ``--lr``; then
+   steps (``denoise=30,distill=120`` by default: stage 2 needs ~1,000 examples to learn its format on a 135 M model,
+   docs/real_model.md; tune's own default, one epoch of the 4,000 train records, is 500 steps per stage and too long
+   for a CPU benchmark), batch ``--batch-size``, tune's default learning rate unless ``--lr``; then
    evaluated with the answer taken after ``Answer:`` when the model writes one (the distill stage teaches
    ``Evidence: ... Answer: ...``).
 4. ``baseline`` (the RA-DIT-style recipe): a fresh model, the same target layers' MLPs trainable, nothing
    deactivated, answer-only targets on noisy contexts (the denoise stage alone) for the same total number of
-   steps; then evaluated.
+   steps (the sum of Neuro-RIT's stages); then evaluated.
 
 Also ``--samples`` noisy-context outputs of each tuned model are stored to be read, and each output is checked for
 degenerate repetition (a word 4-gram that occurs 3 times or more).
@@ -38,7 +40,9 @@ import torch
 
 import fastrit
 from fastrit import data, demo
+from fastrit.cli.tune import per_stage
 from fastrit.models import SMOLLM2, load_causal_lm, load_smollm2
+from fastrit.tuning.stages import STAGES
 
 from ._process import release_freed_memory, reset_peak, status_mib
 
@@ -106,22 +110,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mine-records", type=int, default=64)
     parser.add_argument("--mine-steps", type=int, default=8)
     parser.add_argument("--train-records", type=int, default=2000)
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per Neuro-RIT stage")
+    parser.add_argument("--steps", type=per_stage(int), default={"denoise": 30, "distill": 120},
+                        help="optimizer steps of each Neuro-RIT stage: N for both, or denoise=N,distill=M "
+                             "(default denoise=30,distill=120); the baseline gets their sum")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: fastrit.tune's)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--eval-batch-size", type=int, default=16)
     parser.add_argument("--samples", type=int, default=20, help="noisy outputs stored per model, to be read")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="bench_real", help="results file stem under benchmarks/results/")
+    parser.add_argument("--name", default="bench_real", help="results file stem")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: benchmarks/results)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     test = _subset("test", args.test)
     train = _subset("train", args.train_records)
     phases = Phases()
-    results: dict = {"settings": vars(args), "phases": phases.rows, "scores": {}, "samples": {}}
+    results: dict = {"settings": {**vars(args), "out": str(args.out)}, "phases": phases.rows, "scores": {},
+                     "samples": {}}
     tune_kwargs = {} if args.lr is None else {"learning_rate": args.lr}
+    steps = args.steps if isinstance(args.steps, dict) else {stage: args.steps for stage in STAGES}
+    if set(steps) != set(STAGES) or min(steps.values()) < 1:
+        parser.error(f"--steps: give every stage of {STAGES} a positive step count, got {steps}")
 
     model, tokenizer = phases.run("load", lambda: _load(args.model))
     results["model"] = {"name": args.model or SMOLLM2.name, "parameters": sum(p.numel() for p in model.parameters()),
@@ -140,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         tuned = phases.run("neuro-rit", lambda: fastrit.tune(
-            model, tokenizer, train, sets, output_dir=Path(folder) / "neuro-rit", max_steps=args.steps,
+            model, tokenizer, train, sets, output_dir=Path(folder) / "neuro-rit", max_steps=steps,
             batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, **tune_kwargs))
         preparation = tuned.fastrit_preparation
         results["neuro-rit"] = {"settings": preparation.settings, "effect": preparation.effect,
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         baseline, _ = _load(args.model)
         baseline = phases.run("baseline", lambda: fastrit.tune(
             baseline, tokenizer, train, None, output_dir=Path(folder) / "baseline", stages=("denoise",),
-            max_steps=2 * args.steps, batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+            max_steps=sum(steps.values()), batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
             deactivate=None, train_layers=list(sets.target_layers), **tune_kwargs))
         results["baseline"] = {"settings": baseline.fastrit_preparation.settings}
         results["scores"]["baseline"], results["samples"]["baseline"] = phases.run(
@@ -161,9 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["machine"] = {"platform": platform.platform(), "processor": platform.processor(),
                           "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "transformers": metadata.version("transformers"), "fastrit": fastrit.__version__}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=1))
-    _plot(results, RESULTS / f"{args.name}.png")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
+    _plot(results, args.out / f"{args.name}.png")
     _print_table(results)
     return results
 
