@@ -59,28 +59,37 @@ def index_after(sequence: list[int], part: list[int]) -> int:
     return -1
 
 
-def _marker_variants(tokenizer, prompt: str, marker: str) -> list[list[int]]:
+def marker_variants(tokenizer, prompt: str, marker: str) -> list[list[int]]:
     """The token ids of ``marker`` as a model writes it: right after ``prompt`` (no space after a chat template's
-    assistant header, :func:`fastrit.data.encode_pair`) and after a word (one space before it), without repeats."""
+    assistant header, :func:`fastrit.data.encode_pair`) and after a word (one space before it), without repeats;
+    the last one is always the marker after a word."""
     variants = []
     for before in (prompt, prompt.rstrip() or prompt):
         ids = encode_pair(tokenizer, before, marker)[1]
-        if ids and ids not in variants:
+        if ids and ids in variants:
+            variants.remove(ids)
+        if ids:
             variants.append(ids)
     return variants
 
 
-def _after_marker(tokens: list[int], variants: list[list[int]]) -> list[int]:
-    """``tokens`` after the earliest occurrence of any marker variant; all of them when there is none."""
-    ends = []
+def marker_end(tokens: list[int], variants: list[list[int]]) -> int:
+    """The index just past the earliest occurrence in ``tokens`` of any marker variant, or -1."""
+    found = []
     for ids in variants:
         end = index_after(tokens, ids)
         if end >= 0:
-            ends.append((end - len(ids), end))
-    return tokens[min(ends)[1]:] if ends else tokens
+            found.append((end - len(ids), end))
+    return min(found)[1] if found else -1
 
 
-def _until_stop(tokens: list[int], stops: set[int]) -> list[int]:
+def _after_marker(tokens: list[int], variants: list[list[int]]) -> list[int]:
+    """``tokens`` after the earliest occurrence of any marker variant; all of them when there is none."""
+    end = marker_end(tokens, variants)
+    return tokens[end:] if end >= 0 else tokens
+
+
+def until_stop(tokens: list[int], stops: set[int]) -> list[int]:
     """``tokens`` up to the first stop token (what follows it is padding)."""
     for index, token in enumerate(tokens):
         if token in stops:
@@ -177,7 +186,7 @@ def evaluate(
             if batch_prompts.skipped:
                 logger.info("fastrit.evaluate %s: skipped %s", condition, batch_prompts.skipped)
             rows = []
-            markers = (_marker_variants(tokenizer, batch_prompts.texts[0], answer_marker)
+            markers = (marker_variants(tokenizer, batch_prompts.texts[0], answer_marker)
                        if answer_marker is not None and len(batch_prompts) else None)
             starts = range(0, len(batch_prompts), batch_size)
             for start in tqdm(starts, desc=f"evaluate {condition}", disable=not progress):
@@ -186,7 +195,7 @@ def evaluate(
                     new = greedy_continuations(model, batch_prompts.tensors(span), max_new_tokens,
                                                batch_prompts.pad_token_id, stops or None)
                 for row, tokens in zip(span, new.tolist(), strict=True):
-                    tokens = _until_stop(tokens, stop_set)
+                    tokens = until_stop(tokens, stop_set)
                     if markers:
                         tokens = _after_marker(tokens, markers)
                     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()

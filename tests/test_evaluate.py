@@ -314,3 +314,29 @@ def test_the_marker_is_found_after_a_chat_header_and_after_a_word(chat_reader, m
     golds = [a[0] for a in rag.records["answers"]]
     assert [p["prediction"] for p in predictions["relevant"]] == [
         [gold, gold, "Question"][r % 3] for r, gold in enumerate(golds)]
+
+
+@pytest.mark.parametrize("end_first", [True, False])
+def test_stage_twos_metric_ends_the_evidence_at_every_stop_token(chat_reader, monkeypatch, end_first):
+    # the evidence a model writes ends where generation stops: a chat model that writes its tokenizer's end of
+    # sequence rather than <|im_end|> has ended its turn, and a marker after it was not written
+    from fastrit.tuning import metrics
+
+    model, tokenizer = chat_reader
+    rag = data.synthetic(4, split="dev", seed=9, k=3)
+    built = data.prompts(rag, tokenizer, condition="noisy", k=3)
+    by_prompt = {tuple(p): r for p, r in zip(built.prompt_ids, built.records, strict=True)}
+    words = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def generate(input_ids, attention_mask, max_new_tokens, **kwargs):
+        rows = []
+        for prompt, mask in zip(input_ids, attention_mask, strict=True):
+            gold = rag.records[by_prompt[tuple(prompt[mask.bool()].tolist())]]["answers"][0]
+            ids = words("Passage") + [tokenizer.eos_token_id] * end_first + words(f"{data.ANSWER_MARKER} {gold}")
+            rows.append(torch.cat([prompt, torch.tensor(ids + [end_of_turn])]))
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=tokenizer.pad_token_id)
+
+    monkeypatch.setattr(model, "generate", generate)
+    measured = metrics.answer_loss_after_evidence(model, tokenizer, rag, k=3)
+    assert measured.examples == 4 and measured.marker_written == (0.0 if end_first else 1.0)

@@ -29,8 +29,8 @@ from .. import data as rag
 from ..arch import max_positions
 from ..data import ANSWER_MARKER, EVIDENCE_MARKER, RagData
 from ..data.text import sentences
-from ..data.turns import end_token_id
-from ..evaluate import greedy_continuations, index_after
+from ..data.turns import end_token_id, stop_token_ids
+from ..evaluate import greedy_continuations, marker_end, marker_variants, until_stop
 from .loss import causal_lm_loss
 from .stages import IGNORE_INDEX, collate
 
@@ -68,10 +68,11 @@ class EvidenceAnswerLoss(NamedTuple):
     marker_written: float
 
 
-def _marker_ids(tokenizer, prompt: str) -> list[int]:
-    """The answer marker's ids as an evidence-then-answer target writes it: after the evidence sentence, one space
-    before it (after a chat template's ``assistant\n`` the target itself starts without one)."""
-    return rag.encode_pair(tokenizer, prompt.rstrip() or prompt, ANSWER_MARKER)[1]
+def _answer_markers(tokenizer, prompt: str) -> list[list[int]]:
+    """The answer marker's ids as the model may write them after ``prompt`` (fastrit.evaluate.marker_variants); the
+    last, the marker after a word, is the one an evidence-then-answer target writes and the one appended to a
+    continuation that wrote none."""
+    return marker_variants(tokenizer, prompt, ANSWER_MARKER)
 
 
 def _prompts_with_room(model: nn.Module, tokenizer, data: RagData, max_evidence_tokens: int, k: int,
@@ -105,8 +106,9 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
     if not isinstance(max_evidence_tokens, int) or max_evidence_tokens < 1:
         raise ValueError(f"max_evidence_tokens: expected a positive integer, got {max_evidence_tokens!r}")
     built = _prompts_with_room(model, tokenizer, data, max_evidence_tokens, k, template, seed)
-    marker = _marker_ids(tokenizer, built.texts[0])
+    markers = _answer_markers(tokenizer, built.texts[0])
     eos = end_token_id(tokenizer, template)
+    stops = stop_token_ids(tokenizer, model)
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     written = 0
     was_training = model.training
@@ -115,13 +117,13 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
         for start in range(0, len(built), batch_size):
             span = range(start, min(start + batch_size, len(built)))
             with torch.inference_mode():
-                new = greedy_continuations(model, built.tensors(span), max_evidence_tokens, built.pad_token_id, eos)
+                new = greedy_continuations(model, built.tensors(span), max_evidence_tokens, built.pad_token_id,
+                                           stops or None)
             for row, tokens in zip(span, new.tolist(), strict=True):
-                if eos is not None and eos in tokens:
-                    tokens = tokens[:tokens.index(eos)]
-                end = index_after(tokens, marker)
+                tokens = until_stop(tokens, set(stops))
+                end = marker_end(tokens, markers)
                 written += end >= 0
-                evidence = tokens[:end] if end >= 0 else tokens + marker
+                evidence = tokens[:end] if end >= 0 else tokens + markers[-1]
                 answer = data.records[built.records[row]]["answers"][0]
                 target = rag.encode_pair(tokenizer, ANSWER_MARKER, answer)[1] + ([eos] if eos is not None else [])
                 prompt = built.prompt_ids[row] + evidence
@@ -204,22 +206,22 @@ def answer_loss_over_evidence(model: nn.Module, tokenizer, data: RagData, *, k: 
     return total / answer_tokens
 
 
-def _sampled_answer_logprob(model: nn.Module, opened: list[int], answer: list[int], marker: list[int], samples: int,
-                            max_tokens: int, pad: int, eos: int | None, batch_size: int) -> torch.Tensor | None:
+def _sampled_answer_logprob(model: nn.Module, opened: list[int], answer: list[int], markers: list[list[int]],
+                            samples: int, max_tokens: int, pad: int, stops: list[int],
+                            batch_size: int) -> torch.Tensor | None:
     """``log`` of the mean, over ``samples`` continuations of ``opened`` drawn from the model (temperature 1, at
-    most ``max_tokens``, stopping at ``eos``) and cut just after the first ``marker``, of ``p(answer | opened,
-    continuation)``; a continuation without the marker counts 0. A float64 scalar, or None when no continuation
-    wrote the marker. Draws from the global RNG."""
+    most ``max_tokens``, stopping at any of ``stops``) and cut just after the first of ``markers``, of
+    ``p(answer | opened, continuation)``; a continuation without a marker counts 0. A float64 scalar, or None when
+    no continuation wrote the marker. Draws from the global RNG."""
     ids = torch.tensor([opened] * samples, device=model.device)
     with torch.inference_mode():
         new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                              do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_beams=1, pad_token_id=pad,
-                             eos_token_id=eos)[:, len(opened):].tolist()
+                             eos_token_id=stops or None)[:, len(opened):].tolist()
     scored = []
     for tokens in new:
-        if eos is not None and eos in tokens:
-            tokens = tokens[:tokens.index(eos)]
-        cut = index_after(tokens, marker)
+        tokens = until_stop(tokens, set(stops))
+        cut = marker_end(tokens, markers)
         if cut >= 0:
             scored.append((opened + tokens[:cut], answer))
     if not scored:
@@ -261,7 +263,8 @@ def answer_loss_over_own_evidence(model: nn.Module, tokenizer, data: RagData, *,
     eos = end_token_id(tokenizer, template)
     end = [eos] if eos is not None else []
     pad = built.pad_token_id
-    marker = _marker_ids(tokenizer, built.texts[0])
+    markers = _answer_markers(tokenizer, built.texts[0])
+    stops = stop_token_ids(tokenizer, model)
     total, answer_tokens = 0.0, 0
     was_training = model.training
     model.eval()
@@ -280,8 +283,8 @@ def answer_loss_over_own_evidence(model: nn.Module, tokenizer, data: RagData, *,
                 direct_lp, opener_lp = _target_logprobs(model, [(prompt, direct + end), (prompt, opened[len(prompt):])],
                                                         pad, batch_size)
                 ways = [torch.tensor(direct_lp, dtype=torch.float64)]
-                sampled = _sampled_answer_logprob(model, opened, after_marker, marker, samples, max_evidence_tokens,
-                                                  pad, eos, batch_size)
+                sampled = _sampled_answer_logprob(model, opened, after_marker, markers, samples,
+                                                  max_evidence_tokens, pad, stops, batch_size)
                 if sampled is not None:
                     ways.append(opener_lp + sampled)
                 total -= float(torch.logsumexp(torch.stack(ways), dim=0))

@@ -179,8 +179,8 @@ def test_sampled_evidence_matches_an_exact_enumeration():
                                     pad_token_id=built.pad_token_id)[0, len(opened) + 1:].tolist()
         mean, variance = _exact_own_evidence(model, tokenizer, prompt, opener, [marker], answer)
         assert mean > 1e-3 and variance > 0
-        estimate = float(metrics._sampled_answer_logprob(model, opened, answer, [marker], samples, 2,
-                                                         built.pad_token_id, eos, samples).exp())
+        estimate = float(metrics._sampled_answer_logprob(model, opened, answer, [[marker]], samples, 2,
+                                                         built.pad_token_id, [eos], samples).exp())
         assert abs(estimate - mean) <= 5 * math.sqrt(variance / samples), (estimate, mean, variance)
 
 
@@ -200,8 +200,8 @@ def test_answer_loss_over_own_evidence_sums_the_direct_and_the_sampled_evidence_
         opener = data.encode_pair(tokenizer, built.texts[row], data.EVIDENCE_MARKER)[1]
         after_marker = data.encode_pair(tokenizer, data.ANSWER_MARKER, answer)[1] + [eos]
         ways = [-_answer_nll(model, prompt, direct + [eos])[0]]
-        sampled = metrics._sampled_answer_logprob(model, prompt + opener, after_marker, marker, 6, 24,
-                                                  built.pad_token_id, eos, 32)
+        sampled = metrics._sampled_answer_logprob(model, prompt + opener, after_marker, [marker], 6, 24,
+                                                  built.pad_token_id, [eos], 32)
         if sampled is not None:
             ways.append(-_answer_nll(model, prompt, opener)[0] + float(sampled))
             evidence_ways += 1
