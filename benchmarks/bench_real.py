@@ -41,6 +41,7 @@ import torch
 import fastrit
 from fastrit import data, demo
 from fastrit.cli.tune import per_stage
+from fastrit.demo.report import grouped_bars
 from fastrit.models import SMOLLM2, load_causal_lm, load_smollm2
 from fastrit.tuning.stages import STAGES
 
@@ -188,26 +189,9 @@ def _print_table(results: dict) -> None:
 
 
 def _plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results["scores"])
-    conditions = list(next(iter(results["scores"].values())))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        values = [results["scores"][name][c]["accuracy"] for c in conditions]
-        ax.bar([j + i * width for j in range(len(conditions))], values, width, label=name)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(conditions))], conditions)
-    ax.set_ylabel("accuracy (answer contained)")
-    ax.set_ylim(0, 1)
-    ax.set_title(f"{results['model']['name']}, {results['settings']['test']} test questions")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    grouped_bars({name: {c: s["accuracy"] for c, s in per_condition.items()}
+                  for name, per_condition in results["scores"].items()}, path, ylabel="accuracy (answer contained)",
+                 title=f"{results['model']['name']}, {results['settings']['test']} test questions")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from .._io import write_text_atomic
 
-__all__ = ["format_table", "write_report"]
+__all__ = ["format_table", "grouped_bars", "write_report"]
 
 _ROWS = (("before", "em_before"), ("Neuro-RIT", "em_after"), ("baseline", "em_baseline"))
 _ACCURACY = (("before", "accuracy_before"), ("Neuro-RIT", "accuracy_after"), ("baseline", "accuracy_baseline"))
@@ -84,27 +85,38 @@ def _markdown(report: dict) -> str:
     ])
 
 
-def _plot_em(report: dict, path: Path) -> None:
+def grouped_bars(series: Mapping[str, Mapping[str, float]], path: Path, *, ylabel: str, title: str,
+                 category_names: Mapping[str, str] | None = None) -> None:
+    """A bar chart saved as a PNG at ``path``: one group per category (the first series' keys, in their order), one
+    labelled bar per series in each group, y from 0 to 1.1 (scores that are shares). ``category_names``: x labels
+    (default: the keys)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    conditions = list(report["em_before"])
-    width = 0.26
+    categories = list(next(iter(series.values())))
+    width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for i, (label, key) in enumerate(_ROWS):
-        xs = [c + (i - 1) * width for c in range(len(conditions))]
-        bars = ax.bar(xs, [report[key][c] for c in conditions], width, label=label)
+    for i, (label, values) in enumerate(series.items()):
+        xs = [c + (i - (len(series) - 1) / 2) * width for c in range(len(categories))]
+        bars = ax.bar(xs, [values[c] for c in categories], width, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    ax.set_xticks(range(len(conditions)), [f"{c} passages" for c in conditions])
-    ax.set_ylabel("exact match")
+    ax.set_xticks(range(len(categories)), [(category_names or {}).get(c, c) for c in categories])
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 1.1)
-    ax.set_title(f"Exact match on {report['questions']} test questions")
+    ax.set_title(title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_em(report: dict, path: Path) -> None:
+    conditions = list(report["em_before"])
+    grouped_bars({label: report[key] for label, key in _ROWS}, path, ylabel="exact match",
+                 title=f"Exact match on {report['questions']} test questions",
+                 category_names={c: f"{c} passages" for c in conditions})
 
 
 def _plot_losses(report: dict, path: Path) -> None:
