@@ -62,7 +62,9 @@ def model_session(model: nn.Module) -> Iterator[None]:
     """Eval mode, and an attention implementation that takes 4D masks, for the duration of the block.
 
     The model's training flag and attention implementation are restored afterwards, also on error.
-    Kernels such as flash-attention ignore custom 4D masks; such models run eager attention here.
+    Kernels such as flash-attention and flex-attention ignore custom 4D masks; such models run PyTorch's
+    scaled_dot_product_attention here (transformers' "sdpa", fused kernels on a GPU), or eager attention for a
+    model class without sdpa support.
     """
     was_training = model.training
     config = model.config
@@ -71,7 +73,7 @@ def model_session(model: nn.Module) -> Iterator[None]:
     model.eval()
     try:
         if switch:
-            config._attn_implementation = "eager"
+            config._attn_implementation = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
         yield
     finally:
         if switch:
@@ -350,7 +352,7 @@ def attribute(
     Args:
         model: a transformers causal LM (fp32, bf16, fp16, or 4-bit bitsandbytes). Never modified:
             nothing stays hooked, and its training flag and attention implementation (switched to
-            eager while attributing if it cannot take 4D masks) are restored, also on error.
+            sdpa or eager while attributing if it cannot take 4D masks) are restored, also on error.
         input_ids: ``[B, T]`` prompts, padded on the left or the right.
         attention_mask: ``[B, T]``, 1 for real tokens; None = all real.
         target_ids: ``[B, K]`` answer tokens, padded with -100.

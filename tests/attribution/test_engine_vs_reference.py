@@ -95,17 +95,24 @@ def test_progress_bar(tiny_model, capsys):
     assert "fastrit.attribute" in capsys.readouterr().err
 
 
-def test_attention_without_4d_masks_runs_eager_and_is_restored(tiny_model_dir):
-    """A model loaded with flex attention (no custom additive 4D masks) still gets exact scores."""
+@pytest.mark.parametrize("attention", ["flex_attention", "flash_attention_2"])
+def test_attention_without_4d_masks_runs_sdpa_and_is_restored(tiny_model_dir, attention):
+    """A model configured with flex or flash attention (no custom additive 4D masks) attributes through sdpa (the
+    fused kernels a GPU user has, not eager attention) with exact scores, and gets its own setting back."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), attn_implementation="flex_attention").eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), attn_implementation="sdpa").eval()
+    model.config._attn_implementation = attention  # flash-attn is not installed here: the setting is what counts
+    seen = set()
+    model.model.layers[0].register_forward_pre_hook(lambda *_: seen.add(model.config._attn_implementation))
     input_ids, attention_mask, target_ids = prompt_batch("left")
     kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions="answer", steps=4)
-    ref = fastrit.attribute_reference(model, input_ids, **kwargs)
     fast = fastrit.attribute(model, input_ids, **kwargs)
+    assert seen == {"sdpa"}
+    assert model.config._attn_implementation == attention
+    model.config._attn_implementation = "eager"
+    ref = fastrit.attribute_reference(model, input_ids, **kwargs)
     assert relative_error(fast.scores, ref.scores) < TOL
-    assert model.config._attn_implementation == "flex_attention"
 
 
 # another site (GPT-2's c_fc output, before the activation: the knowledge-neurons package's) and unpacked rows
