@@ -294,22 +294,27 @@ def linear_out_features(module: nn.Module) -> int | None:
     return out_features if isinstance(out_features, int) else None
 
 
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The dense weight of a linear output projection as float32 ``[out_features, in_features]``.
+def linear_weight(module: nn.Module, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """The dense weight of a linear output projection, ``[out_features, in_features]``, in ``dtype`` (None: as the
+    module stores it, without a copy where it can: ``nn.Linear``'s own tensor, a view of ``Conv1D``'s).
 
     ``nn.Linear`` as is, GPT-2's ``Conv1D`` transposed, bitsandbytes 4-bit layers and fastrit's NF4Linear
-    dequantized.
+    dequantized (to their compute dtype when ``dtype`` is None).
     The module itself is not changed.
     """
+
+    def cast(weight: torch.Tensor) -> torch.Tensor:
+        return weight if dtype is None else weight.to(dtype)
+
     if is_bnb_4bit(module):
         import bitsandbytes.functional as bnbf
 
         weight = module.weight
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        return cast(bnbf.dequantize_4bit(weight.data, weight.quant_state))
     if _is_nf4_linear(module):
-        return module.dequantize().float()
+        return cast(module.dequantize())
     if is_conv1d(module):
-        return module.weight.detach().t().float()
+        return cast(module.weight.detach().t())
     if isinstance(module, nn.Linear):
-        return module.weight.detach().float()
+        return cast(module.weight.detach())
     raise TypeError(f"mlp_out: unsupported output projection type {type(module).__name__}")

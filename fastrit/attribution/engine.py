@@ -178,10 +178,15 @@ class _LayerTerms:
         self.site = clean.site[layer].float()  # [P, I]
         self.entry_hidden = clean.entry_hidden[layer]  # [n, D]
         self.backend = backend
-        self.weight: torch.Tensor | None = None  # [D, I], additive-MLP families only
+        # additive-MLP families: the output projection, whose weight [D, I] is read when needed and never kept, so
+        # that no tensor here grows with the number of layers beyond the sites (a float32 copy of every layer's
+        # weight would be 7.5 GB for Llama-3-8B)
+        self.projection: nn.Module | None = None
         if arch.spec.attributes_linearly:
-            self.weight = linear_weight(arch.mlp_out[layer]).to(self.site.device)
-            self.site_out = self.site @ self.weight.t()  # [P, D]: W a
+            self.projection = arch.mlp_out[layer]
+            weight = linear_weight(self.projection).to(self.site.device)  # float32, this layer only, freed below
+            self.site_out = self.site @ weight.t()  # [P, D]: W a
+            del weight
             self.entry = layer + 1
         else:
             self.entry = layer
@@ -190,7 +195,7 @@ class _LayerTerms:
 
     def scaled(self, alphas: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """The entry value of rows at ``alphas`` (float32): ``[c, n, D]`` hidden states, or ``[c, P, I]`` sites."""
-        if self.weight is None:
+        if self.projection is None:
             return ops.ig_interpolate(torch.zeros_like(self.site), self.site, alphas, backend=self.backend)
         hidden = self.entry_hidden.float().expand(len(alphas), -1, -1).clone()
         clean_at_scaled = hidden[0, local]  # [P, D]
@@ -201,12 +206,12 @@ class _LayerTerms:
 
     def add(self, weights: torch.Tensor, grads: torch.Tensor) -> None:
         """Add rows' weighted gradients ``[c, P, D]`` (of the layer output) or ``[c, P, I]`` (of the site)."""
-        if self.weight is None:
+        if self.projection is None:
             self.scores += ops.ig_accumulate(self.site, grads, weights, backend=self.backend).sum(dim=0)
         else:
-            self.scores += ops.ig_accumulate_linear(
-                self.site, grads, self.weight, weights, backend=self.backend
-            ).sum(dim=0)
+            # the weight in its own dtype (the op accumulates in float32); a 4-bit one dequantized for this call only
+            weight = linear_weight(self.projection, dtype=None).to(self.site.device)
+            self.scores += ops.ig_accumulate_linear(self.site, grads, weight, weights, backend=self.backend).sum(dim=0)
 
 
 def _chunks(rows: list[_Row], size: int, mix_layers: bool) -> Iterator[list[_Row]]:

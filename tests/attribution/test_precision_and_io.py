@@ -57,3 +57,38 @@ def test_load_rejects_other_files(tmp_path):
     save_file({"x": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="path"):
         fastrit.NeuronAttribution.load(path)
+
+
+def test_no_output_projection_weight_is_copied_for_every_layer(monkeypatch):
+    """Attribution never holds a converted (float32 or dequantized) output-projection weight per layer: on a 24-layer
+    bf16 model at most one is alive at any time, so the memory does not grow with the depth beyond the sites."""
+    import sys
+    import weakref
+
+    import transformers
+
+    from tests.tiny_models import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 24
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+    engine = sys.modules["fastrit.attribution.engine"]
+    real = engine.linear_weight
+    own = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    alive: list[weakref.ref] = []
+    most = 0
+
+    def counted(module, dtype=torch.float32):
+        nonlocal most
+        weight = real(module) if dtype == torch.float32 else real(module, dtype)
+        if weight.untyped_storage().data_ptr() not in own:  # a copy, not the model's own tensor
+            alive.append(weakref.ref(weight))
+            most = max(most, sum(ref() is not None for ref in alive))
+        return weight
+
+    monkeypatch.setattr(engine, "linear_weight", counted)
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    result = fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids, steps=4)
+    assert result.scores.shape[1] == 24 and alive  # float32 copies were made, for the site outputs
+    assert most == 1, f"{most} converted weights alive at once"
