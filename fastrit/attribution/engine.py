@@ -191,7 +191,7 @@ class _LayerTerms:
         else:
             self.entry = layer
         self.scores = torch.zeros(self.site.shape[1], device=self.site.device)  # [I] float32
-        self.baseline: float | None = None  # F(0)
+        self.baseline: torch.Tensor | None = None  # F(0), a 0-dim tensor on the device
 
     def scaled(self, alphas: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
         """The entry value of rows at ``alphas`` (float32): ``[c, n, D]`` hidden states, or ``[c, P, I]`` sites."""
@@ -248,8 +248,10 @@ def _run_chunk(
     slots_of: dict[int, list[int]] = {}  # layer -> the chunk rows (slots) of that layer
     for slot, row in enumerate(rows):
         slots_of.setdefault(row.layer, []).append(slot)
-    by_layer = {layer: torch.tensor(slots, device=device) for layer, slots in slots_of.items()}
-    alphas = torch.tensor([row.alpha for row in rows], device=device)
+    # small host lists reach the device without a host synchronisation (a pageable copy is staged before the call
+    # returns, so non_blocking is safe); nothing in a chunk waits for the GPU
+    by_layer = {layer: _to_device(slots, device) for layer, slots in slots_of.items()}
+    alphas = _to_device([row.alpha for row in rows], device)
 
     with torch.enable_grad(), ExitStack() as stack:
         # every row's entry value (float32), in chunk order, then one leaf for the whole chunk
@@ -272,10 +274,15 @@ def _run_chunk(
     if additive:
         grad = grad[:, local]
     for layer, slots in slots_of.items():
-        terms[layer].add(torch.tensor([rows[i].weight for i in slots], device=device), grad[by_layer[layer]])
+        terms[layer].add(_to_device([rows[i].weight for i in slots], device), grad[by_layer[layer]])
         for i in slots:
             if rows[i].baseline:
-                terms[layer].baseline = float(values[i].detach())
+                terms[layer].baseline = values[i].detach()  # a 0-dim tensor, read once the example is done
+
+
+def _to_device(values: list, device: torch.device) -> torch.Tensor:
+    """A small host list as a device tensor, without a host synchronisation (see _run_chunk)."""
+    return torch.tensor(values).to(device, non_blocking=True)
 
 
 @contextmanager
@@ -331,8 +338,8 @@ def _example_scores(
         _run_chunk(arch, example, clean, terms, part, objective)
         bar.update(sum(1 for row in part if row.baseline))  # a layer is done with its baseline row (its last)
     scores = torch.stack([terms[layer].scores for layer in layers])
-    delta = torch.tensor([float(scores[j].sum()) - (clean.objective - terms[layer].baseline)
-                          for j, layer in enumerate(layers)])
+    baselines = torch.stack([terms[layer].baseline for layer in layers]).double()
+    delta = (scores.sum(dim=1).double() - (clean.objective - baselines)).float().cpu()
     return scores, delta
 
 

@@ -100,3 +100,27 @@ def test_4bit_model_on_cuda_equals_reference_on_its_dequantized_twin(tmp_path):
         want = fastrit.attribute_reference(twin, input_ids, attention_mask=attention_mask, target_ids=target_ids,
                                            positions=positions, steps=4)
         assert relative_error(got.scores, want.scores) < 1e-4
+
+
+def test_the_sweep_does_not_synchronise_the_host(tiny_model_dir, monkeypatch):
+    """Inside the loop over chunks of IG rows nothing waits for the GPU (torch.cuda.set_sync_debug_mode raises on a
+    synchronising call): the host runs ahead and queues the next chunk."""
+    import sys
+
+    engine = sys.modules["fastrit.attribution.engine"]
+    real = engine._run_chunk
+    chunks = []
+
+    def strict(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            real(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        chunks.append(1)
+
+    monkeypatch.setattr(engine, "_run_chunk", strict)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama")).cuda().eval()
+    input_ids, attention_mask, target_ids = batch("cuda")
+    fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids, steps=6, batch_size=4)
+    assert len(chunks) > 1
