@@ -12,8 +12,8 @@ Phases (seconds and peak RSS of each):
 3. ``neuro-rit``: fastrit.tune on ``--train-records`` train records with prepare's defaults (deactivate the
    irrelevant-exclusive neurons, train the target layers' MLPs, quantize_frozen="auto"), ``--steps`` optimizer
    steps (``denoise=30,distill=120`` by default: stage 2 needs ~1,000 examples to learn its format on a 135 M model,
-   docs/real_model.md; tune's own default, one epoch of the 4,000 train records, is 500 steps per stage and too long
-   for a CPU benchmark), batch ``--batch-size``, tune's default learning rate unless ``--lr``; then
+   docs/real_model.md; tune's own default, one epoch of the 2,000 train records used, is 250 steps per stage and
+   too long for a CPU benchmark), batch ``--batch-size``, tune's default learning rate unless ``--lr``; then
    evaluated with the answer taken after ``Answer:`` when the model writes one (the distill stage teaches
    ``Evidence: ... Answer: ...``).
 4. ``baseline`` (the RA-DIT-style recipe): a fresh model, the same target layers' MLPs trainable, nothing
