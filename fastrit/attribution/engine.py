@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -391,6 +391,18 @@ def attribute(
     return attribute_call(call, batch_size=batch_size, progress=progress, backend=backend)
 
 
+def _objectives_part(example: ScoredExample, objective: str) -> ScoredExample:
+    """The part of ``example`` its objective depends on. For ``"prob"`` (p(answer_0 | prompt)) in a causal model
+    that is the prompt: the example is cut to it and the first answer token, so that no IG row recomputes, and no LM
+    head scores, the later answer tokens. Sites after the prompt cannot change the objective (their gradient is 0),
+    so dropping those positions leaves every score as it was."""
+    if (objective != "prob" or example.bidirectional or example.readout is not None
+            or example.answer.numel() == 1):
+        return example
+    return replace(example, ids=example.ids[: example.prompt_len], answer=example.answer[:1],
+                   positions=example.positions[example.positions < example.prompt_len])
+
+
 def attribute_call(
     call: AttributionCall, *, batch_size: int | None = None, progress: bool = False, backend: str = "auto"
 ) -> NeuronAttribution:
@@ -412,7 +424,8 @@ def attribute_call(
         with model_session(model):
             for b, example in enumerate(call.examples):
                 scores[b], delta[b] = _example_scores(
-                    call.arch, example, call.layers, call.alphas, call.weights, objective, batch_size, bar, backend
+                    call.arch, _objectives_part(example, objective), call.layers, call.alphas, call.weights,
+                    objective, batch_size, bar, backend
                 )
     finally:
         bar.close()

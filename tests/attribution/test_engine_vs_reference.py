@@ -145,3 +145,27 @@ def test_bidirectional_spec_is_refused(tiny_model):
     with pytest.raises(ValueError, match="spec: a bidirectional .* fastrit.compat.KnowledgeNeurons"):
         fastrit.attribute(tiny_model("gpt2"), input_ids, attention_mask=attention_mask, target_ids=target_ids,
                           spec=spec)
+
+
+def test_prob_objective_spends_nothing_on_later_answer_tokens(tiny_model):
+    """p(answer_0 | prompt) depends on the prompt only: a 3-token answer costs the FLOPs of a 1-token one (no row
+    recomputes, no LM head scores, the later tokens), with the same scores; under logprob it costs more."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model("llama")
+    gen = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 90, (1, 12), generator=gen)
+    answer = torch.randint(3, 90, (1, 3), generator=gen)
+
+    def run(target, objective):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            result = fastrit.attribute(model, prompt, target_ids=target, objective=objective, positions="all",
+                                       steps=3)
+        return counter.get_total_flops(), result
+
+    long_flops, long = run(answer, "prob")
+    short_flops, short = run(answer[:, :1], "prob")
+    assert long_flops == short_flops
+    torch.testing.assert_close(long.scores, short.scores, rtol=0, atol=0)
+    assert run(answer, "logprob")[0] > short_flops
