@@ -214,18 +214,19 @@ class _LayerTerms:
             self.scores += ops.ig_accumulate_linear(self.site, grads, weight, weights, backend=self.backend).sum(dim=0)
 
 
-def _chunks(rows: list[_Row], size: int, mix_layers: bool) -> Iterator[list[_Row]]:
-    """Consecutive runs of at most ``size`` rows; with ``mix_layers=False`` a run never spans two layers."""
+def _chunks(rows: list[_Row], size: int, mix_layers: bool) -> Iterator[slice]:
+    """Consecutive runs of at most ``size`` rows, as slices of ``rows``; with ``mix_layers=False`` a run never spans
+    two layers."""
     if mix_layers:
         for start in range(0, len(rows), size):
-            yield rows[start : start + size]
+            yield slice(start, min(start + size, len(rows)))
         return
     start = 0
     while start < len(rows):
         stop = start
         while stop < len(rows) and stop - start < size and rows[stop].layer == rows[start].layer:
             stop += 1
-        yield rows[start:stop]
+        yield slice(start, stop)
         start = stop
 
 
@@ -235,9 +236,13 @@ def _run_chunk(
     clean: _CleanPass,
     terms: dict[int, _LayerTerms],
     rows: list[_Row],
+    alphas: torch.Tensor,
+    weights: torch.Tensor,
     objective: str,
 ) -> None:
-    """Forward and backward of one chunk of IG rows; adds their gradients to ``terms``."""
+    """Forward and backward of one chunk of IG rows; adds their gradients to ``terms``. ``alphas`` and ``weights``:
+    the rows' ``[len(rows)]`` values on the device. On CUDA nothing here waits for the GPU: no host copy of a
+    device value, and no host-to-device copy either (index tensors are made on the device)."""
     p0, n = example.first_position, example.length - example.first_position
     local = example.positions - p0  # scaled positions within the recomputed window
     device = local.device
@@ -245,13 +250,13 @@ def _run_chunk(
     layout = RowLayout.for_prefix(
         len(rows), n, p0, pack=arch.spec.pack_rows, causal=not arch.spec.bidirectional
     )
-    slots_of: dict[int, list[int]] = {}  # layer -> the chunk rows (slots) of that layer
+    spans: dict[int, slice] = {}  # layer -> its rows in the chunk, consecutive (rows are grouped by layer)
     for slot, row in enumerate(rows):
-        slots_of.setdefault(row.layer, []).append(slot)
-    # small host lists reach the device without a host synchronisation (a pageable copy is staged before the call
-    # returns, so non_blocking is safe); nothing in a chunk waits for the GPU
-    by_layer = {layer: _to_device(slots, device) for layer, slots in slots_of.items()}
-    alphas = _to_device([row.alpha for row in rows], device)
+        first = spans.get(row.layer, slice(slot, slot)).start
+        if slot != spans.get(row.layer, slice(slot, slot)).stop:
+            raise AssertionError("the rows of a layer are not consecutive in the chunk")
+        spans[row.layer] = slice(first, slot + 1)
+    by_layer = {layer: torch.arange(span.start, span.stop, device=device) for layer, span in spans.items()}
 
     with torch.enable_grad(), ExitStack() as stack:
         # every row's entry value (float32), in chunk order, then one leaf for the whole chunk
@@ -273,16 +278,11 @@ def _run_chunk(
     grad = grad.float()
     if additive:
         grad = grad[:, local]
-    for layer, slots in slots_of.items():
-        terms[layer].add(_to_device([rows[i].weight for i in slots], device), grad[by_layer[layer]])
-        for i in slots:
+    for layer, span in spans.items():
+        terms[layer].add(weights[span], grad[span])
+        for i in range(span.start, span.stop):
             if rows[i].baseline:
                 terms[layer].baseline = values[i].detach()  # a 0-dim tensor, read once the example is done
-
-
-def _to_device(values: list, device: torch.device) -> torch.Tensor:
-    """A small host list as a device tensor, without a host synchronisation (see _run_chunk)."""
-    return torch.tensor(values).to(device, non_blocking=True)
 
 
 @contextmanager
@@ -334,9 +334,12 @@ def _example_scores(
     n = example.length - example.first_position
     chunk = batch_size or _default_batch_size(arch, n, len(rows), clean.dtype.itemsize)
     rows_per_layer = len(alphas) + 1
+    device = example.positions.device
+    row_alphas = torch.tensor([row.alpha for row in rows]).to(device)  # once per example, before the loop
+    row_weights = torch.tensor([row.weight for row in rows]).to(device)
     for part in _chunks(rows, chunk, mix_layers=rows_per_layer * n < _MIX_LAYERS_BELOW_TOKENS):
-        _run_chunk(arch, example, clean, terms, part, objective)
-        bar.update(sum(1 for row in part if row.baseline))  # a layer is done with its baseline row (its last)
+        _run_chunk(arch, example, clean, terms, rows[part], row_alphas[part], row_weights[part], objective)
+        bar.update(sum(1 for row in rows[part] if row.baseline))  # a layer is done with its baseline row (its last)
     scores = torch.stack([terms[layer].scores for layer in layers])
     baselines = torch.stack([terms[layer].baseline for layer in layers]).double()
     delta = (scores.sum(dim=1).double() - (clean.objective - baselines)).float().cpu()

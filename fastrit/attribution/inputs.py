@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -59,9 +60,10 @@ class ScoredExample:
     def length(self) -> int:
         return int(self.ids.numel())
 
-    @property
+    @cached_property
     def first_position(self) -> int:
-        """The first recomputed position: nothing before it changes when the site is scaled."""
+        """The first recomputed position: nothing before it changes when the site is scaled. Read from the device
+        once (a host synchronisation on CUDA), then kept."""
         return 0 if self.bidirectional else int(self.positions[0])
 
     @property
