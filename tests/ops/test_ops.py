@@ -65,6 +65,19 @@ def test_ig_accumulate_linear(backend, n, i, dtype, tol, steps):
     assert_close(got, want, 1e-5)
 
 
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ig_accumulate_linear_takes_a_low_precision_weight_with_float32_rows(backend, weight_dtype):
+    """As attribution calls it: float32 sites and gradients, the output projection's weight in the model's own dtype;
+    the result equals the one with that weight widened to float32 first."""
+    act, grad_resid = randn(13, 70), randn(3, 13, 40, seed=3)
+    weight_down, weights = randn(40, 70, dtype=weight_dtype, seed=4), torch.rand(3)
+    got = ops.ig_accumulate_linear(act, grad_resid, weight_down, weights, backend=backend)
+    want = ops.ig_accumulate_linear(act, grad_resid, weight_down.float(), weights, backend=backend)
+    assert got.dtype == torch.float32
+    assert_close(got, want, 1e-6)
+
+
 @pytest.mark.skipif("cpp" not in BACKENDS, reason="the compiled extension is not built")
 @pytest.mark.parametrize("portable", [False, True], ids=["fused", "aten"])
 @pytest.mark.parametrize("steps,n,hidden,i", [
