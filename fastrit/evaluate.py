@@ -66,10 +66,8 @@ def marker_variants(tokenizer, prompt: str, marker: str) -> list[list[int]]:
     variants = []
     for before in (prompt, prompt.rstrip() or prompt):
         ids = encode_pair(tokenizer, before, marker)[1]
-        if ids and ids in variants:
-            variants.remove(ids)
         if ids:
-            variants.append(ids)
+            variants = [v for v in variants if v != ids] + [ids]
     return variants
 
 

@@ -252,10 +252,10 @@ def _run_chunk(
     )
     spans: dict[int, slice] = {}  # layer -> its rows in the chunk, consecutive (rows are grouped by layer)
     for slot, row in enumerate(rows):
-        first = spans.get(row.layer, slice(slot, slot)).start
-        if slot != spans.get(row.layer, slice(slot, slot)).stop:
+        span = spans.get(row.layer)
+        if span is not None and span.stop != slot:
             raise AssertionError("the rows of a layer are not consecutive in the chunk")
-        spans[row.layer] = slice(first, slot + 1)
+        spans[row.layer] = slice(slot if span is None else span.start, slot + 1)
     by_layer = {layer: torch.arange(span.start, span.stop, device=device) for layer, span in spans.items()}
 
     with torch.enable_grad(), ExitStack() as stack:
