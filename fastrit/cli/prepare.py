@@ -20,8 +20,6 @@ from ._common import (
 
 __all__ = ["add_parsers"]
 
-CHECK_PROMPTS = 8
-
 
 def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     prepare = subparsers.add_parser(
@@ -38,9 +36,10 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(prepare)
     add_prepare_arguments(prepare)
     add_data_arguments(prepare, default_split="train")
-    prepare.add_argument("--check-prompts", type=int, default=CHECK_PROMPTS, metavar="N",
+    prepare.add_argument("--check-prompts", type=int, default=None, metavar="N",
                          help="noisy-context prompts of the first --data records on which deactivation is limited "
-                              "and the change to the model measured (0: none; every mined neuron deactivated)")
+                              "and the change to the model measured (default: as many as `fastrit tune` checks, 8; "
+                              "0: none, every mined neuron deactivated)")
     prepare.add_argument("--out", metavar="FILE", default="prepared.safetensors", help="the delta file to write")
     prepare.set_defaults(run=run_prepare)
 
@@ -62,17 +61,19 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 def run_prepare(args: argparse.Namespace) -> None:
     from ..tuning import prepare, save_delta, trainable_summary
     from ..tuning.effect import ModelChange
+    from ..tuning.trainer import CHECK_PROMPTS
 
     out = Path(args.out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out: no such folder: {str(out.parent)!r}")
-    if args.check_prompts < 0:
-        raise ValueError(f"--check-prompts: expected a count >= 0, got {args.check_prompts}")
+    count = CHECK_PROMPTS if args.check_prompts is None else args.check_prompts
+    if count < 0:
+        raise ValueError(f"--check-prompts: expected a count >= 0, got {count}")
     sets, kwargs = prepare_settings(args)
-    data = load_data(args) if args.check_prompts else None
+    data = load_data(args) if count else None
     model, tokenizer = load_model(args)
     if data is not None:
-        kwargs["check_prompts"] = _check_prompts(data, tokenizer, model, args)
+        kwargs["check_prompts"] = _check_prompts(data, tokenizer, model, count, args)
     prepare(model, sets, **kwargs)
     preparation = model.fastrit_preparation
     print(f"frozen layers: {preparation.settings['quantize_reason']}")
@@ -85,8 +86,8 @@ def run_prepare(args: argparse.Namespace) -> None:
     print(f"saved to {out}")
 
 
-def _check_prompts(data, tokenizer, model, args) -> list[list[int]]:
-    """The prompts of the first ``--check-prompts`` noisy-context examples of ``--data``, built as tune builds its
+def _check_prompts(data, tokenizer, model, count: int, args) -> list[list[int]]:
+    """The prompts of the first ``count`` noisy-context examples of ``--data``, built as tune builds its
     first stage's (so that `fastrit prepare` and `fastrit tune` deactivate the same neurons)."""
     from ..data import RagData
     from ..tuning.stages import stage_data
@@ -96,13 +97,13 @@ def _check_prompts(data, tokenizer, model, args) -> list[list[int]]:
                           max_length=args.max_length, seed=args.seed, model=model)
 
     # each record's prompt depends on its index only: a prefix of the records gives tune's first prompts
-    built = build(RagData(data.records.select(range(min(len(data), 4 * args.check_prompts)))))
-    if len(built) < args.check_prompts:
+    built = build(RagData(data.records.select(range(min(len(data), 4 * count)))))
+    if len(built) < count:
         built = build(data)
     if len(built) == 0:
         raise ValueError(f"--data: no noisy-context prompt could be built from its {len(data)} records "
                          f"(skipped: {built.skipped})")
-    return built.prompts(args.check_prompts)
+    return built.prompts(count)
 
 
 def run_export(args: argparse.Namespace) -> None:

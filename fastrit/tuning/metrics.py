@@ -109,6 +109,7 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
     markers = _answer_markers(tokenizer, built.texts[0])
     eos = end_token_id(tokenizer, template)
     stops = stop_token_ids(tokenizer, model)
+    stop_set = set(stops)
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     written = 0
     was_training = model.training
@@ -120,7 +121,7 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
                 new = greedy_continuations(model, built.tensors(span), max_evidence_tokens, built.pad_token_id,
                                            stops or None)
             for row, tokens in zip(span, new.tolist(), strict=True):
-                tokens = until_stop(tokens, set(stops))
+                tokens = until_stop(tokens, stop_set)
                 end = marker_end(tokens, markers)
                 written += end >= 0
                 evidence = tokens[:end] if end >= 0 else tokens + markers[-1]
@@ -219,8 +220,9 @@ def _sampled_answer_logprob(model: nn.Module, opened: list[int], answer: list[in
                              do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_beams=1, pad_token_id=pad,
                              eos_token_id=stops or None)[:, len(opened):].tolist()
     scored = []
+    stop_set = set(stops)
     for tokens in new:
-        tokens = until_stop(tokens, set(stops))
+        tokens = until_stop(tokens, stop_set)
         cut = marker_end(tokens, markers)
         if cut >= 0:
             scored.append((opened + tokens[:cut], answer))
