@@ -49,10 +49,6 @@ __all__ = ["attribute", "attribute_call", "model_session"]
 _ACT_ELEMS_PER_D = 12
 _ACT_ELEMS_PER_I = 4
 _DEFAULT_ACTIVATION_BUDGET = 2 * 1024**3  # bytes
-# Rows of several layers share a chunk only while one layer's rows recompute fewer tokens than this:
-# sharing saves per-forward overhead, but a row is computed (and discarded) below its own entry layer,
-# which is waste once the rows are long enough for arithmetic to dominate.
-_MIX_LAYERS_BELOW_TOKENS = 512
 # attention implementations that apply an arbitrary additive 4D mask, as the sweep needs
 _MASKABLE_ATTENTION = ("eager", "sdpa")
 
@@ -214,20 +210,10 @@ class _LayerTerms:
             self.scores += ops.ig_accumulate_linear(self.site, grads, weight, weights, backend=self.backend).sum(dim=0)
 
 
-def _chunks(rows: list[_Row], size: int, mix_layers: bool) -> Iterator[slice]:
-    """Consecutive runs of at most ``size`` rows, as slices of ``rows``; with ``mix_layers=False`` a run never spans
-    two layers."""
-    if mix_layers:
-        for start in range(0, len(rows), size):
-            yield slice(start, min(start + size, len(rows)))
-        return
-    start = 0
-    while start < len(rows):
-        stop = start
-        while stop < len(rows) and stop - start < size and rows[stop].layer == rows[start].layer:
-            stop += 1
-        yield slice(start, stop)
-        start = stop
+def _chunks(rows: int, size: int) -> Iterator[slice]:
+    """Consecutive runs of at most ``size`` of ``rows`` rows, as slices."""
+    for start in range(0, rows, size):
+        yield slice(start, min(start + size, rows))
 
 
 def _run_chunk(
@@ -247,31 +233,34 @@ def _run_chunk(
     local = example.positions - p0  # scaled positions within the recomputed window
     device = local.device
     additive = arch.spec.attributes_linearly
-    layout = RowLayout.for_prefix(
-        len(rows), n, p0, pack=arch.spec.pack_rows, causal=not arch.spec.bidirectional
-    )
-    spans: dict[int, slice] = {}  # layer -> its rows in the chunk, consecutive (rows are grouped by layer)
+    spans: dict[int, slice] = {}  # layer -> its rows in the chunk, consecutive (rows are in entry order)
     for slot, row in enumerate(rows):
         span = spans.get(row.layer)
         if span is not None and span.stop != slot:
             raise AssertionError("the rows of a layer are not consecutive in the chunk")
         spans[row.layer] = slice(slot if span is None else span.start, slot + 1)
-    by_layer = {layer: torch.arange(span.start, span.stop, device=device) for layer, span in spans.items()}
 
-    with torch.enable_grad(), ExitStack() as stack:
-        # every row's entry value (float32), in chunk order, then one leaf for the whole chunk
-        scaled = torch.cat([terms[layer].scaled(alphas[slots], local) for layer, slots in by_layer.items()])
-        order = torch.cat(list(by_layer.values()))
-        leaf = torch.empty_like(scaled).index_copy_(0, order, scaled).to(clean.dtype).requires_grad_(True)
-        entries = {}
-        for layer, slots in by_layer.items():
-            if additive:
-                entries[terms[layer].entry] = (slots, leaf[slots])
-            else:
-                hidden = terms[layer].entry_hidden.expand(len(slots), -1, -1)
-                entries[terms[layer].entry] = (slots, hidden)
-                stack.enter_context(_site_replaced(arch, layer, leaf[slots], slots, layout, local))
-        final = run_tail(arch, layout, p0, clean.prefix_kv, entries)
+    with torch.enable_grad():
+        # every row's entry value (float32), in chunk order, as one leaf for the whole chunk
+        scaled = torch.cat([terms[layer].scaled(alphas[span], local) for layer, span in spans.items()])
+        leaf = scaled.to(clean.dtype).requires_grad_(True)
+
+        def site_hooks(layout: RowLayout, entry: int) -> ExitStack:
+            """Other families: the site of the rows entering at ``entry`` (a segment's last slots) is theirs."""
+            stack = ExitStack()
+            if not additive:
+                span = spans[entry]
+                slots = torch.arange(span.start, span.stop, device=device)
+                stack.enter_context(_site_replaced(arch, entry, leaf[span], slots, layout, local))
+            return stack
+
+        entries = [
+            (terms[layer].entry,
+             leaf[span] if additive else terms[layer].entry_hidden.expand(span.stop - span.start, -1, -1))
+            for layer, span in spans.items()
+        ]
+        final = run_tail(arch, n, p0, clean.prefix_kv, entries, pack=arch.spec.pack_rows,
+                         causal=not arch.spec.bidirectional, within=site_hooks)
         answer_local = example.answer_positions - p0
         values = objective_from_logits(arch.logits(final[:, answer_local]), example.answer, objective)
         (grad,) = torch.autograd.grad(values.sum(), leaf)
@@ -307,43 +296,86 @@ def _site_replaced(
         handle.remove()
 
 
+def _sweep(
+    arch: ModelArch,
+    example: ScoredExample,
+    clean: _CleanPass,
+    terms: dict[int, _LayerTerms],
+    rows: list[_Row],
+    objective: str,
+    batch_size: int | None,
+    bar: tqdm | None,
+) -> None:
+    """Run ``rows`` (in entry order) in chunks of at most ``batch_size``; ``bar`` advances by a layer at each
+    baseline row."""
+    n = example.length - example.first_position
+    chunk = batch_size or _default_batch_size(arch, n, len(rows), clean.dtype.itemsize)
+    device = example.positions.device
+    row_alphas = torch.tensor([row.alpha for row in rows]).to(device)  # once per sweep, not per chunk
+    row_weights = torch.tensor([row.weight for row in rows]).to(device)
+    for part in _chunks(len(rows), chunk):
+        _run_chunk(arch, example, clean, terms, rows[part], row_alphas[part], row_weights[part], objective)
+        if bar is not None:
+            bar.update(sum(1 for row in rows[part] if row.baseline))  # a layer's baseline row is its last
+
+
 def _example_scores(
     arch: ModelArch,
     example: ScoredExample,
     layers: list[int],
-    alphas: list[float],
-    weights: list[float],
+    rounds: list[tuple[list[float], list[float]]],
+    delta_tol: float | None,
     objective: str,
     batch_size: int | None,
     bar: tqdm,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``([len(layers), I] scores, [len(layers)] delta)`` of one example."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``([len(layers), I] scores, [len(layers)] delta, [len(layers)] steps used)`` of one example.
+
+    ``rounds``: ``(alphas, weights)`` of each integration rule to try. With ``delta_tol`` None only the first is
+    used; otherwise a layer moves on to the next round while ``|delta| > delta_tol * |F(a) - F(0)|``, its scores
+    replaced by the next round's. What rounds share: the clean pass (sites, entry states, prefix KV cache), F(a)
+    and F(0) (its baseline row runs in the first round only).
+    """
     clean = _CleanPass(arch, example, layers, objective)
     terms = {layer: _LayerTerms(arch, clean, layer, backend) for layer in layers}
-    # per layer: the integration points, then the zero baseline for F(0); layers in entry order so
-    # that a chunk spans few layers (a row is computed, and discarded, below its own entry layer)
-    rows = [
-        row
-        for layer in sorted(layers, key=lambda layer: terms[layer].entry)
-        for row in [
-            *(_Row(layer, alpha, weight) for alpha, weight in zip(alphas, weights, strict=True)),
-            _Row(layer, 0.0, 0.0, baseline=True),
+    # layers in entry order: the rows of a chunk then join the sweep from the bottom up (see run_tail)
+    pending = sorted(layers, key=lambda layer: terms[layer].entry)
+    steps_used = dict.fromkeys(layers, 0)
+    for index, (alphas, weights) in enumerate(rounds):
+        rows = [
+            row
+            for layer in pending
+            for row in [
+                *(_Row(layer, alpha, weight) for alpha, weight in zip(alphas, weights, strict=True)),
+                *([_Row(layer, 0.0, 0.0, baseline=True)] if index == 0 else []),  # F(0), once
+            ]
         ]
-    ]
-    n = example.length - example.first_position
-    chunk = batch_size or _default_batch_size(arch, n, len(rows), clean.dtype.itemsize)
-    rows_per_layer = len(alphas) + 1
-    device = example.positions.device
-    row_alphas = torch.tensor([row.alpha for row in rows]).to(device)  # once per example, before the loop
-    row_weights = torch.tensor([row.weight for row in rows]).to(device)
-    for part in _chunks(rows, chunk, mix_layers=rows_per_layer * n < _MIX_LAYERS_BELOW_TOKENS):
-        _run_chunk(arch, example, clean, terms, rows[part], row_alphas[part], row_weights[part], objective)
-        bar.update(sum(1 for row in rows[part] if row.baseline))  # a layer is done with its baseline row (its last)
+        _sweep(arch, example, clean, terms, rows, objective, batch_size, bar if delta_tol is None else None)
+        for layer in pending:
+            steps_used[layer] = len(alphas)
+        if delta_tol is None:
+            break
+        baselines = torch.stack([terms[layer].baseline for layer in pending]).double()
+        delta, gap = torch.stack([_deltas(clean, terms, pending), clean.objective - baselines]).tolist()  # 1 sync
+        within = [abs(d) <= delta_tol * abs(g) for d, g in zip(delta, gap, strict=True)]
+        last_round = index == len(rounds) - 1
+        bar.update(len(pending) if last_round else sum(within))
+        pending = [layer for layer, ok in zip(pending, within, strict=True) if not ok and not last_round]
+        if not pending:
+            break
+        for layer in pending:
+            terms[layer].scores.zero_()
+    scores = torch.stack([terms[layer].scores for layer in layers])
+    steps = torch.tensor([steps_used[layer] for layer in layers], dtype=torch.int32)
+    return scores, _deltas(clean, terms, layers).float().cpu(), steps
+
+
+def _deltas(clean: _CleanPass, terms: dict[int, _LayerTerms], layers: list[int]) -> torch.Tensor:
+    """``[len(layers)]`` float64 completeness errors ``sum_i scores - (F(a) - F(0))``, on the device."""
     scores = torch.stack([terms[layer].scores for layer in layers])
     baselines = torch.stack([terms[layer].baseline for layer in layers]).double()
-    delta = (scores.sum(dim=1).double() - (clean.objective - baselines)).float().cpu()
-    return scores, delta
+    return scores.sum(dim=1).double() - (clean.objective - baselines)
 
 
 def attribute(
@@ -354,8 +386,9 @@ def attribute(
     target_ids: torch.Tensor,
     objective: str = "logprob",
     positions: str = "last",
-    steps: int = 20,
-    method: str = "riemann_right",
+    steps: int | str = 20,
+    method: str | None = None,
+    delta_tol: float | None = None,
     layers: Sequence[int] | None = None,
     batch_size: int | None = None,
     progress: bool = False,
@@ -375,9 +408,16 @@ def attribute(
             ``"prob"`` = p(answer_0 | prompt).
         positions: ``"last"`` (last prompt token), ``"answer"`` (positions that predict answer
             tokens) or ``"all"`` (every position of prompt + answer[:-1]).
-        steps: number of integration points.
+        steps: number of integration points, or ``"auto"``: per layer, Gauss-Legendre with the fewest of
+            4, 8, 16, 32, 64 points (:data:`~fastrit.attribution.integration.AUTO_STEPS`) whose completeness
+            error ``|delta|`` is at most ``delta_tol * |F(a) - F(0)|`` (or 64); the points each layer used are in
+            the result's ``steps_used``. Gauss-Legendre rules do not nest, so a layer that grows recomputes its
+            rows at the new points; the clean pass, the prefix KV cache, ``F(a)`` and ``F(0)`` are shared.
         method: ``riemann_left``, ``riemann_right``, ``riemann_middle``, ``riemann_trapezoid`` or
-            ``gausslegendre`` (Captum's points and weights).
+            ``gausslegendre`` (Captum's points and weights); None = ``riemann_right`` (``gausslegendre`` with
+            ``steps="auto"``, the only rule it takes).
+        delta_tol: ``steps="auto"`` only: the tolerance as a fraction of ``|F(a) - F(0)|``; None = 0.005
+            (:data:`~fastrit.attribution.integration.DEFAULT_DELTA_TOL`).
         layers: layer indices (negative count from the top); None = all layers.
         batch_size: the most IG rows (each of ``n`` recomputed tokens) in any internal forward;
             default: as many as fit a 2 GiB activation budget, at most ``len(layers) * (steps + 1)``.
@@ -388,9 +428,10 @@ def attribute(
 
     Returns:
         :class:`NeuronAttribution` with ``scores [B, len(layers), I]`` and ``delta [B, len(layers)]``
-        (float32, on the CPU).
+        (float32, on the CPU), and ``steps_used [B, len(layers)]``.
     """
-    call = prepare_call(model, input_ids, attention_mask, target_ids, objective, positions, steps, method, layers, spec)
+    call = prepare_call(model, input_ids, attention_mask, target_ids, objective, positions, steps, method, layers, spec,
+                        delta_tol)
     return attribute_call(call, batch_size=batch_size, progress=progress, backend=backend)
 
 
@@ -422,14 +463,19 @@ def attribute_call(
 
     scores = torch.zeros(len(call.examples), len(call.layers), call.arch.intermediate_size)
     delta = torch.zeros(len(call.examples), len(call.layers))
+    steps_used = torch.zeros(len(call.examples), len(call.layers), dtype=torch.int32)
+    rule = call.rule
+    rounds = rule.rounds() if rule is not None and rule.adaptive else [(call.alphas, call.weights)]
+    delta_tol = rule.delta_tol if rule is not None else None
     bar = tqdm(total=len(call.examples) * len(call.layers), desc="fastrit.attribute", disable=not progress)
     try:
         with model_session(model):
             for b, example in enumerate(call.examples):
-                scores[b], delta[b] = _example_scores(
-                    call.arch, _objectives_part(example, objective), call.layers, call.alphas, call.weights,
+                scores[b], delta[b], steps_used[b] = _example_scores(
+                    call.arch, _objectives_part(example, objective), call.layers, rounds, delta_tol,
                     objective, batch_size, bar, backend
                 )
     finally:
         bar.close()
-    return NeuronAttribution(scores=scores, delta=delta, layers=call.layers, settings=call.settings)
+    return NeuronAttribution(scores=scores, delta=delta, layers=call.layers, settings=call.settings,
+                             steps_used=steps_used)

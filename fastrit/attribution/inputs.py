@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..arch import ArchSpec, ModelArch, resolve_arch
-from .integration import integration_points
+from .integration import IntegrationRule, integration_rule
 
 OBJECTIVES = ("logprob", "prob")
 POSITIONS = ("last", "answer", "all")
@@ -74,14 +74,23 @@ class ScoredExample:
         return torch.arange(self.prompt_len - 1, self.length, device=self.ids.device)
 
 
-def check_settings(objective: str, positions: str, method: str, steps: int, batch_size: int | None) -> None:
-    """Validate the scalar settings of ``attribute``; raise ValueError/TypeError naming the argument."""
+def check_settings(
+    objective: str,
+    positions: str,
+    method: str | None,
+    steps: int | str,
+    batch_size: int | None,
+    delta_tol: float | None = None,
+) -> IntegrationRule:
+    """Validate the scalar settings of ``attribute``; raise ValueError/TypeError naming the argument. Returns the
+    integration rule they resolve to (:func:`.integration.integration_rule`)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if positions not in POSITIONS:
         raise ValueError(f"positions: expected one of {', '.join(POSITIONS)}, got {positions!r}")
-    integration_points(method, steps)  # raises for an unknown method or too few steps
+    rule = integration_rule(steps, method, delta_tol)
     check_optional_count("batch_size", batch_size)
+    return rule
 
 
 def check_optional_count(name: str, value: int | None) -> None:
@@ -221,7 +230,11 @@ def objective_from_logits(logits: torch.Tensor, answer: torch.Tensor, objective:
 
 @dataclass(frozen=True)
 class AttributionCall:
-    """A checked ``attribute`` call: the model's modules, the examples, the layers and the rule."""
+    """A checked ``attribute`` call: the model's modules, the examples, the layers and the rule.
+
+    ``alphas``/``weights`` are the integration points of a fixed rule; with an adaptive ``rule``
+    (``steps="auto"``) they are its first round's and the engine grows them per layer.
+    """
 
     arch: ModelArch
     examples: list[ScoredExample]
@@ -229,6 +242,7 @@ class AttributionCall:
     alphas: list[float]
     weights: list[float]
     settings: dict
+    rule: IntegrationRule | None = None
 
 
 def prepare_call(
@@ -238,10 +252,11 @@ def prepare_call(
     target_ids: torch.Tensor,
     objective: str,
     positions: str,
-    steps: int,
-    method: str,
+    steps: int | str,
+    method: str | None,
     layers: Sequence[int] | None,
     spec: ArchSpec | None,
+    delta_tol: float | None = None,
 ) -> AttributionCall:
     """Check every argument of ``attribute`` (ValueError/TypeError naming it) and unpad the batch."""
     arch = resolve_arch(model, spec)
@@ -250,18 +265,19 @@ def prepare_call(
             "spec: a bidirectional (encoder) spec scores a masked LM at its [MASK] positions, which "
             "fastrit.compat.KnowledgeNeurons does; attribute scores causal LMs (prompt + answer, teacher forcing)"
         )
-    check_settings(objective, positions, method, steps, None)
+    rule = check_settings(objective, positions, method, steps, None, delta_tol)
     layer_list = resolve_layers(layers, arch.num_layers)
     if isinstance(input_ids, torch.Tensor):
         input_ids = input_ids.to(arch.base.get_input_embeddings().weight.device)
     examples = scored_examples(input_ids, attention_mask, target_ids, positions, arch.max_positions)
-    alphas, weights = integration_points(method, steps)
+    alphas, weights = rule.rounds()[0]
     settings = {
         "objective": objective,
         "positions": positions,
-        "steps": steps,
-        "method": method,
+        "steps": rule.steps,
+        "method": rule.method,
+        **({"delta_tol": rule.delta_tol} if rule.adaptive else {}),
         "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
         "model_type": getattr(model.config, "model_type", ""),
     }
-    return AttributionCall(arch, examples, layer_list, alphas, weights, settings)
+    return AttributionCall(arch, examples, layer_list, alphas, weights, settings, rule)

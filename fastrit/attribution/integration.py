@@ -9,12 +9,21 @@ not depend on Captum.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
-__all__ = ["METHODS", "integration_points", "min_steps"]
+__all__ = ["AUTO_STEPS", "DEFAULT_DELTA_TOL", "METHODS", "IntegrationRule", "integration_points", "integration_rule",
+           "min_steps"]
+
+#: ``steps="auto"``: the Gauss-Legendre sizes tried per layer, in order; a layer stops at the first whose
+#: completeness error is within tolerance, or at the last.
+AUTO_STEPS = (4, 8, 16, 32, 64)
+#: ``steps="auto"``: the default tolerance, as a fraction of ``|F(a) - F(0)|``.
+DEFAULT_DELTA_TOL = 0.005
 
 
 def min_steps(method: str) -> int:
@@ -31,7 +40,7 @@ def integration_points(method: str, steps: int) -> tuple[list[float], list[float
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps: expected an int, got {type(steps).__name__}")
+        raise TypeError(f"steps: expected an int or 'auto', got {type(steps).__name__}")
     if steps < min_steps(method):
         raise ValueError(f"steps: {method} needs at least {min_steps(method)} steps, got {steps}")
     n = steps
@@ -50,3 +59,51 @@ def integration_points(method: str, steps: int) -> tuple[list[float], list[float
     else:
         alphas = torch.linspace(1 / n, 1, n)
     return alphas.tolist(), weights
+
+
+@dataclass(frozen=True)
+class IntegrationRule:
+    """How the IG integral is approximated: a fixed rule (``delta_tol`` None, one round of ``alphas``/``weights``),
+    or ``steps="auto"``: Gauss-Legendre rounds of :data:`AUTO_STEPS` points, each layer stopping at the first round
+    whose ``|delta| <= delta_tol * |F(a) - F(0)|``.
+
+    Attributes:
+        steps: the number of points, or ``"auto"``.
+        method: one of :data:`METHODS` (``"gausslegendre"`` for ``"auto"``).
+        delta_tol: the relative completeness tolerance of ``"auto"``; None for a fixed rule.
+    """
+
+    steps: int | str
+    method: str
+    delta_tol: float | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.delta_tol is not None
+
+    def rounds(self) -> list[tuple[list[float], list[float]]]:
+        """``(alphas, weights)`` of each round: one for a fixed rule, one per :data:`AUTO_STEPS` size for ``"auto"``."""
+        if not self.adaptive:
+            return [integration_points(self.method, self.steps)]
+        return [integration_points("gausslegendre", size) for size in AUTO_STEPS]
+
+
+def integration_rule(steps: int | str, method: str | None, delta_tol: float | None) -> IntegrationRule:
+    """Check and resolve ``attribute``'s ``steps``, ``method`` and ``delta_tol`` (ValueError/TypeError naming the
+    argument). ``method=None`` is ``"riemann_right"`` for an integer ``steps`` and ``"gausslegendre"`` for
+    ``"auto"``; ``delta_tol=None`` is :data:`DEFAULT_DELTA_TOL` with ``"auto"``."""
+    if isinstance(steps, str):
+        if steps != "auto":
+            raise ValueError(f"steps: expected an int or 'auto', got {steps!r}")
+        if method not in (None, "gausslegendre"):
+            raise ValueError(f"method: steps='auto' grows Gauss-Legendre rules; got method={method!r}")
+        if delta_tol is None:
+            delta_tol = DEFAULT_DELTA_TOL
+        if isinstance(delta_tol, bool) or not isinstance(delta_tol, int | float) or not 0 < delta_tol < 1:
+            raise ValueError(f"delta_tol: expected a number in (0, 1), got {delta_tol!r}")
+        return IntegrationRule("auto", "gausslegendre", float(delta_tol))
+    if delta_tol is not None:
+        raise ValueError(f"delta_tol: only used with steps='auto', got steps={steps!r}")
+    method = "riemann_right" if method is None else method
+    integration_points(method, steps)  # raises for an unknown method or too few steps
+    return IntegrationRule(steps, method)

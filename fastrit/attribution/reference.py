@@ -90,6 +90,8 @@ def attribute_reference(
     ``steps_per_batch`` integration points share one forward/backward (default: all ``steps``);
     the knowledge-neurons package batches them the same way.
     """
+    if isinstance(steps, str):
+        raise ValueError(f"steps: the reference loop takes a number of integration points, got {steps!r}")
     call = prepare_call(model, input_ids, attention_mask, target_ids, objective, positions, steps, method, layers, spec)
     check_optional_count("steps_per_batch", steps_per_batch)
     arch, examples, layer_list, alphas, weights = call.arch, call.examples, call.layers, call.alphas, call.weights

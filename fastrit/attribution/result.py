@@ -28,12 +28,15 @@ class NeuronAttribution:
         layers: the layer indices, in the order of ``scores``' second axis.
         settings: how the scores were made (objective, positions, steps, method, model, ...);
             JSON-serialisable values only.
+        steps_used: ``[B, len(layers)]`` int32, the integration points each example's layer was scored with (with
+            ``steps="auto"`` they differ per layer); None when not recorded.
     """
 
     scores: torch.Tensor
     delta: torch.Tensor
     layers: list[int]
     settings: dict = field(default_factory=dict)
+    steps_used: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.scores.dim() != 3 or self.delta.shape != self.scores.shape[:2]:
@@ -43,6 +46,10 @@ class NeuronAttribution:
             )
         if len(self.layers) != self.scores.shape[1]:
             raise ValueError(f"layers: expected {self.scores.shape[1]} layer indices, got {len(self.layers)}")
+        if self.steps_used is not None and self.steps_used.shape != self.delta.shape:
+            raise ValueError(
+                f"steps_used: expected shape {list(self.delta.shape)} like delta, got {list(self.steps_used.shape)}"
+            )
 
     @property
     def num_examples(self) -> int:
@@ -62,6 +69,8 @@ class NeuronAttribution:
         """
         meta = {"format": _FORMAT, "layers": json.dumps(self.layers), "settings": json.dumps(self.settings)}
         tensors = {"scores": self.scores.detach().cpu().contiguous(), "delta": self.delta.detach().cpu().contiguous()}
+        if self.steps_used is not None:
+            tensors["steps_used"] = self.steps_used.detach().cpu().to(torch.int32).contiguous()
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return Path(path)
@@ -81,4 +90,5 @@ class NeuronAttribution:
             delta=tensors["delta"],
             layers=[int(x) for x in json.loads(meta["layers"])],
             settings=json.loads(meta["settings"]),
+            steps_used=tensors.get("steps_used"),
         )

@@ -59,10 +59,26 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default_split: str = 
     parser.set_defaults(default_split=default_split)
 
 
+def _steps(text: str) -> int | str:
+    """``--steps``: an integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def add_attribution_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("attribution (Integrated Gradients)")
-    group.add_argument("--steps", type=int, default=20, help="integration points")
-    group.add_argument("--method", choices=METHODS, default="riemann_right", help="integration rule (Captum's)")
+    group.add_argument("--steps", type=_steps, default=20,
+                       help="integration points, or 'auto': per layer the fewest Gauss-Legendre points (4, 8, ... 64) "
+                            "whose completeness error is within --delta-tol")
+    group.add_argument("--method", choices=METHODS, default=None,
+                       help="integration rule (Captum's; default riemann_right, gausslegendre with --steps auto)")
+    group.add_argument("--delta-tol", type=float, default=None,
+                       help="--steps auto: the completeness error allowed, as a fraction of |F(a) - F(0)| "
+                            "(default 0.005)")
     group.add_argument("--objective", choices=("logprob", "prob"), default="logprob",
                        help="logprob: sum of the answer tokens' log-probabilities; prob: p(first answer token)")
     group.add_argument("--positions", choices=("last", "answer", "all"), default="last",

@@ -77,7 +77,10 @@ def format_top_neurons(attribution, top: int) -> str:
     for j, layer in enumerate(attribution.layers):
         values, indices = mean[j].topk(min(top, mean.shape[1]))
         shown = "  ".join(f"{i}:{v:.3g}" for i, v in zip(indices.tolist(), values.tolist(), strict=True))
-        lines.append(f"  layer {layer:>3} (delta {attribution.delta[:, j].abs().max():.2g}): {shown}")
+        steps = ""
+        if attribution.settings.get("steps") == "auto" and attribution.steps_used is not None:
+            steps = f", steps {attribution.steps_used[:, j].max()}"
+        lines.append(f"  layer {layer:>3} (delta {attribution.delta[:, j].abs().max():.2g}{steps}): {shown}")
     return "\n".join(lines)
 
 
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> None:
     _check(args)
     model, tokenizer = load_model(args)
     result = attribute(model, **_inputs(args, model, tokenizer), objective=args.objective,
-                       positions=args.positions, steps=args.steps, method=args.method, layers=args.layers,
-                       batch_size=args.batch_size, progress=not args.no_progress)
+                       positions=args.positions, steps=args.steps, method=args.method, delta_tol=args.delta_tol,
+                       layers=args.layers, batch_size=args.batch_size, progress=not args.no_progress)
     print(format_top_neurons(result, args.top))
     print(f"saved to {result.save(args.out)}")

@@ -75,7 +75,7 @@ def run_mine(args: argparse.Namespace) -> None:
     check_mine_arguments(k=args.k, steps=args.steps, method=args.method, objective=args.objective,
                          positions=args.positions, threshold=args.threshold, share=args.share, top_n=args.top_n,
                          target_layers=args.target_layers, batch_size=args.batch_size,
-                         max_examples=args.max_examples, max_length=args.max_length)
+                         max_examples=args.max_examples, max_length=args.max_length, delta_tol=args.delta_tol)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out: {str(out)!r} exists and is not a folder")
@@ -90,7 +90,7 @@ def run_mine(args: argparse.Namespace) -> None:
         objective=args.objective, positions=args.positions, threshold=args.threshold, share=args.share,
         top_n=args.top_n, target_layers=args.target_layers, batch_size=args.batch_size,
         max_examples=args.max_examples, progress=not args.no_progress, template=args.template, seed=args.seed,
-        max_length=args.max_length,
+        max_length=args.max_length, delta_tol=args.delta_tol,
     )
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, process 0 reports
         sets.plot(out)

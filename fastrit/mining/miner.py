@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..arch import ArchSpec, resolve_arch
 from ..attribution import attribute
 from ..attribution.inputs import check_settings
+from ..attribution.integration import IntegrationRule
 from ..data import RagData, load, prompts
 from ..data.turns import resolve_template
 from .identity import data_fingerprint, model_identity, tokenizer_fingerprint
@@ -48,17 +49,20 @@ def _check_count(name: str, value: Any, *, optional: bool = False) -> None:
         raise ValueError(f"{name}: expected {'None or ' if optional else ''}a positive integer, got {value!r}")
 
 
-def check_mine_arguments(*, k: int, steps: int, method: str, objective: str, positions: str, threshold: float,
-                         share: float, top_n: int | None, target_layers: int, batch_size: int | None,
-                         max_examples: int | None, max_length: int | None) -> None:
+def check_mine_arguments(*, k: int, steps: int | str, method: str | None, objective: str, positions: str,
+                         threshold: float, share: float, top_n: int | None, target_layers: int,
+                         batch_size: int | None, max_examples: int | None, max_length: int | None,
+                         delta_tol: float | None = None) -> IntegrationRule:
     """Raise ValueError naming the first argument of :func:`mine` that is out of range (``target_layers`` is
-    checked against the model's layers later)."""
-    check_settings(objective, positions, method, steps, batch_size)
+    checked against the model's layers later); return the integration rule ``steps``, ``method`` and ``delta_tol``
+    resolve to."""
+    rule = check_settings(objective, positions, method, steps, batch_size, delta_tol)
     _check_fraction("threshold", threshold)
     _check_count("k", k)
     _check_count("max_examples", max_examples, optional=True)
     _check_count("max_length", max_length, optional=True)
     check_selection(share, top_n, target_layers, None)
+    return rule
 
 
 class _ChunkAttributor:
@@ -81,7 +85,8 @@ class _ChunkAttributor:
                 continue
             start = time.perf_counter()
             result = attribute(self.model, **batch.tensors(), objective=s["objective"], positions=s["positions"],
-                               steps=s["steps"], method=s["method"], batch_size=s["batch_size"], spec=self.spec)
+                               steps=s["steps"], method=s["method"], delta_tol=s.get("delta_tol"),
+                               batch_size=s["batch_size"], spec=self.spec)
             self.seconds_attributing += time.perf_counter() - start
             stats.conditions[condition].add_examples(result.scores, s["threshold"])
         return stats
@@ -94,8 +99,8 @@ def mine(
     *,
     out_dir: str | os.PathLike | None = None,
     k: int = 5,
-    steps: int = 20,
-    method: str = "riemann_right",
+    steps: int | str = 20,
+    method: str | None = None,
     objective: str = "logprob",
     positions: str = "last",
     threshold: float = 0.2,
@@ -109,14 +114,15 @@ def mine(
     seed: int = 0,
     max_length: int | None = None,
     spec: ArchSpec | None = None,
+    delta_tol: float | None = None,
 ) -> NeuronSets:
     """Mine the MLP neurons that respond to relevant and to irrelevant retrieved passages.
 
     For each record (the first ``max_examples``), its relevant-context and irrelevant-context prompts
     (:func:`fastrit.data.prompts` with ``k``, ``template``, ``seed``, ``max_length``; default: the model's
     maximum positions) are attributed to the gold answer with :func:`fastrit.attribute` (``steps``, ``method``,
-    ``objective``, ``positions``, ``batch_size``), every layer. In one example a neuron is active when its
-    score is positive and at least ``threshold`` x the example's largest score in its layer. Sets and target
+    ``delta_tol``, ``objective``, ``positions``, ``batch_size``), every layer. In one example a neuron is active when
+    its score is positive and at least ``threshold`` x the example's largest score in its layer. Sets and target
     layers are then chosen as :meth:`NeuronSets.select` says (``share``, ``top_n``, ``target_layers``). Records
     without a prompt of a condition are skipped for that condition and counted by reason.
 
@@ -129,9 +135,10 @@ def mine(
     model family fastrit does not know. Returns the same NeuronSets, bit for bit, however the run was split
     or resumed (given the same kernels: the same device, backend and number of threads).
     """
-    check_mine_arguments(k=k, steps=steps, method=method, objective=objective, positions=positions,
-                         threshold=threshold, share=share, top_n=top_n, target_layers=target_layers,
-                         batch_size=batch_size, max_examples=max_examples, max_length=max_length)
+    rule = check_mine_arguments(k=k, steps=steps, method=method, objective=objective, positions=positions,
+                                threshold=threshold, share=share, top_n=top_n, target_layers=target_layers,
+                                batch_size=batch_size, max_examples=max_examples, max_length=max_length,
+                                delta_tol=delta_tol)
     data = data if isinstance(data, RagData) else load(data)
     template = resolve_template(tokenizer, template)  # recorded resolved, so tuning and evaluation can match it
     arch = resolve_arch(model, spec)
@@ -142,10 +149,12 @@ def mine(
     if records == 0:
         raise ValueError("data: no records to mine")
 
-    statistics = {"k": k, "steps": steps, "method": method, "objective": objective, "positions": positions,
+    statistics = {"k": k, "steps": rule.steps, "method": rule.method, "objective": objective, "positions": positions,
                   "threshold": float(threshold), "template": template, "seed": seed, "max_length": max_length,
                   "batch_size": batch_size, "chunk_records": CHUNK_RECORDS, "layers": arch.num_layers,
                   "intermediate_size": arch.intermediate_size}
+    if rule.adaptive:  # recorded only then, so that the manifests of fixed-step runs stay as they were
+        statistics["delta_tol"] = rule.delta_tol
     identity = model_identity(model, arch)
     manifest = {"statistics": statistics, "data": data_fingerprint(data, records),
                 "tokenizer_sha256": tokenizer_fingerprint(tokenizer), "model": identity}

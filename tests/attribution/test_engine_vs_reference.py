@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import fastrit
-from fastrit.attribution import engine
 from tests.tiny_models import prompt_batch
 
 CORE_FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox"]
@@ -55,10 +54,9 @@ def test_other_integration_rules(tiny_model, method):
 @pytest.mark.parametrize("family", ["gpt_neox", "gemma2"])
 @pytest.mark.parametrize("batch_size", [None, 1, 2, 7])
 @pytest.mark.parametrize("positions", ["last", "all"])
-@pytest.mark.parametrize("mix_layers", [True, False])
-def test_batch_size_does_not_change_results(tiny_model, monkeypatch, family, batch_size, positions, mix_layers):
-    """Chunks of any size, spanning several layers or splitting one, give the same numbers."""
-    monkeypatch.setattr(engine, "_MIX_LAYERS_BELOW_TOKENS", 10**9 if mix_layers else 0)
+def test_batch_size_does_not_change_results(tiny_model, family, batch_size, positions):
+    """Chunks of any size, spanning several layers (run in segments, one per entry layer) or splitting one, give
+    the same numbers."""
     model = tiny_model(family)
     input_ids, attention_mask, target_ids = prompt_batch("left")
     kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions=positions, steps=6)
@@ -169,3 +167,34 @@ def test_prob_objective_spends_nothing_on_later_answer_tokens(tiny_model):
     assert long_flops == short_flops
     torch.testing.assert_close(long.scores, short.scores, rtol=0, atol=0)
     assert run(answer, "logprob")[0] > short_flops
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_no_row_is_computed_below_its_entry_layer(tiny_model, family):
+    """The floor (docs/attribution.md): rows of every layer in one chunk cost the matmul FLOPs of one chunk per
+    layer, where each chunk starts at its own entry layer. Rows are not packed here: packing puts g rows in one
+    sequence, adding masked-out cross-row attention scores and up to g - 1 filler rows per segment (the layout's
+    memory-for-FLOPs trade); attention is left out of the count for the same reason. Additive-MLP families only: in
+    the others (Gemma2/3) rows enter at their layer's input with its site replaced, so rows joining the carried ones
+    share their entry layer's attention backward, which they do not need (docs/attribution.md)."""
+    import dataclasses
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model(family)
+    spec = dataclasses.replace(fastrit.resolve_arch(model).spec, pack_rows=False)
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    steps = 4
+
+    def matmul_flops(batch_size):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            result = fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids,
+                                       positions="answer", steps=steps, batch_size=batch_size, spec=spec)
+        counts = counter.get_flop_counts()["Global"]
+        return sum(v for op, v in counts.items() if "attention" not in str(op)), result
+
+    per_layer, split = matmul_flops(steps + 1)  # a chunk per layer: its rows and its baseline row
+    mixed, together = matmul_flops(None)  # every layer's rows in one chunk
+    assert mixed == per_layer
+    torch.testing.assert_close(together.scores, split.scores, rtol=1e-5, atol=1e-7)

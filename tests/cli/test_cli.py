@@ -47,6 +47,23 @@ def test_attribute_one_prompt_and_a_data_file(tmp_path, capsys):
     assert NeuronAttribution.load(tmp_path / "two.safetensors").scores.shape == (2, 3, 512)
 
 
+def test_attribute_and_mine_take_auto_steps(tmp_path, capsys):
+    out = tmp_path / "auto.safetensors"
+    prompt = "Passage: Varnok. The capital of Varnok is Tesh.\nQuestion: What is the capital of Varnok?\nAnswer:"
+    assert main(["attribute", "--prompt", prompt, "--answer", "Tesh", "--steps", "auto", "--delta-tol", "0.01",
+                 "--out", str(out), "--no-progress", "--top", "2"]) == 0
+    assert "steps " in capsys.readouterr().out
+    result = NeuronAttribution.load(out)
+    assert result.settings["steps"] == "auto" and result.settings["delta_tol"] == 0.01
+    assert result.settings["method"] == "gausslegendre" and result.steps_used.shape == (1, 3)
+    mined = tmp_path / "mined"
+    assert main(["mine", "--out", str(mined), "--max-examples", "2", "--steps", "auto", "--no-progress"]) == 0
+    assert NeuronSets.load(mined).settings["steps"] == "auto"
+    with pytest.raises(SystemExit):
+        main(["attribute", "--prompt", prompt, "--answer", "Tesh", "--steps", "some", "--out", str(out)])
+    assert "--steps" in capsys.readouterr().err
+
+
 def test_mine_and_plot_on_the_embedded_default(tmp_path, capsys):
     out = tmp_path / "mined"
     assert main(["mine", "--out", str(out), "--max-examples", "8", "--steps", "2", "--no-progress"]) == 0
