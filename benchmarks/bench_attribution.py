@@ -14,6 +14,9 @@ Scenarios (one Llama-shaped model, random weights, fixed seed; ``--quick`` shrin
   ``fastrit.compat.KnowledgeNeurons`` on a GPT-2-shaped model (6 layers, hidden 256, GPT-2's vocabulary), a
   256-token prompt, steps 20, batch_size 20; ``kn_bert``: the same on a 4-layer BERT (hidden 256, BERT's
   vocabulary) with a 128-token input. The largest score difference (relative to the largest score) is reported.
+- ``--real-shapes``: SmolLM2-135M's shape (real weights when available) with 1- and 5-token answers and
+  Llama-3-8B's layer shape, truncated, against the reference loop (:mod:`benchmarks.attribution_real_shapes`);
+  ``--only-real-shapes`` runs just those, ``--device cuda`` on a GPU (bf16).
 
 Times are wall-clock medians (with 20th/80th percentiles) of ``--repeats`` runs, FLOPs come from
 ``torch.utils.flop_counter.FlopCounterMode``. Results go to ``benchmarks/results/`` as JSON, CSV and
@@ -38,6 +41,7 @@ import transformers
 from torch.utils.flop_counter import FlopCounterMode
 
 import fastrit
+from benchmarks.attribution_real_shapes import run_real_shapes
 from benchmarks.baselines import KN_STEPS_PER_BATCH, captum_site_ig
 from fastrit.attribution.inputs import scored_examples
 
@@ -232,13 +236,24 @@ def environment() -> dict:
     }
 
 
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def write(report: dict, out_dir: Path, name: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(report, indent=2))
-    with open(out_dir / f"{name}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(report["rows"][0]))
-        writer.writeheader()
-        writer.writerows(report["rows"])
+    tables = {name: report["rows"]}
+    if report.get("real_shapes"):
+        tables[name if not report["rows"] else f"{name}_real_shapes"] = report["real_shapes"]
+    for table, rows in tables.items():
+        if rows:
+            _write_csv(out_dir / f"{table}.csv", rows)
+    if not report["rows"]:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,16 +300,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per provider (median reported)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
     parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--real-shapes", action="store_true",
+                        help="also SmolLM2-135M's and Llama-3-8B's shapes against the reference loop")
+    parser.add_argument("--only-real-shapes", action="store_true", help="only the real shapes")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the real shapes run (the other scenarios run on the CPU)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats: expected >= 1")
     shape = QUICK if args.quick else FULL
-    report = run(shape, args.repeats, KN_QUICK if args.quick else KN_FULL)
-    report["env"] = environment()
     name = "bench_attribution_quick" if args.quick else "bench_attribution"
+    if args.only_real_shapes:
+        report = {"shape": None, "repeats": args.repeats, "rows": [], "summary": {}}
+        name += "_real_shapes"
+    else:
+        report = run(shape, args.repeats, KN_QUICK if args.quick else KN_FULL)
+    if args.real_shapes or args.only_real_shapes:
+        report["real_shapes"] = run_real_shapes(args.repeats, args.quick, args.device)
+    report["env"] = {**environment(), "device": args.device}
     write(report, args.out, name)
-    print_summary(report)
-    print(f"\nwrote {args.out / name}.json, .csv, .png")
+    if report["rows"]:
+        print_summary(report)
+    print(f"\nwrote {args.out / name}.json, .csv" + (", .png" if report["rows"] else ""))
     return report
 
 

@@ -24,3 +24,21 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert (tmp_path / "bench_attribution_quick.csv").read_text().startswith("scenario,provider,")
     assert (tmp_path / "bench_attribution_quick.png").stat().st_size > 0
     assert saved["env"]["torch"] and saved["summary"]["deltas"]["gausslegendre_8"]["max_abs_delta"] >= 0
+
+
+def test_quick_real_shapes_write_their_rows(tmp_path):
+    report = bench_attribution.main(["--quick", "--only-real-shapes", "--repeats", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench_attribution_quick_real_shapes.json").read_text())
+    rows = saved["real_shapes"]
+    assert rows == json.loads(json.dumps(report["real_shapes"]))
+    assert {row["scenario"] for row in rows} == {"smollm2_1tok", "smollm2_3tok"}
+    for row in rows:
+        assert row["median_s"] > 0 and row["gflops"] > 0 and row["peak_mib"] > 0
+        if row["provider"] != "forward":
+            assert row["forwards_of_time"] > 0 and row["forwards_of_flops"] > 0 and row["speedup"] > 0
+            assert row["max_abs_delta"] >= 0
+        if row["provider"].startswith("reference"):
+            assert row["reference_delta_difference"] < 1e-4  # the loop's delta is fastrit's at the same rule
+        if row["provider"] == "fastrit (auto)":
+            assert row["delta_within_reference"]
+    assert (tmp_path / "bench_attribution_quick_real_shapes.csv").read_text().startswith("scenario,provider,")

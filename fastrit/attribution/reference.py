@@ -124,4 +124,5 @@ def attribute_reference(
     finally:
         bar.close()
     settings = {**call.settings, "reference": True}
-    return NeuronAttribution(scores=scores, delta=delta, layers=layer_list, settings=settings)
+    steps_used = torch.full(delta.shape, steps, dtype=torch.int32)
+    return NeuronAttribution(scores=scores, delta=delta, layers=layer_list, settings=settings, steps_used=steps_used)
