@@ -7,10 +7,12 @@ Per scenario, providers (positions "last", objective "logprob", a random prompt 
 - ``fastrit (20 riemann_right)``: today's default rule;
 - ``fastrit (auto)``: ``steps="auto"`` at the default ``delta_tol``;
 - ``reference loop (20 riemann_right)``: :func:`fastrit.attribute_reference`, the knowledge-neurons way (10 steps per
-  forward and backward, as the package batches them). Its cost is the same for every layer (each layer's loop runs
-  the whole model), so it is timed on :data:`REFERENCE_LAYERS` evenly spaced layers and scaled to all of them
+  forward and backward, as the package batches them). Each layer's loop runs the whole model forward and the
+  backward down to that layer, a cost linear in the layer's depth, so it is timed on :data:`REFERENCE_LAYERS` evenly
+  spaced layers (the first and the last: their mean is the mean over all layers) and scaled to all of them
   (``reference_layers_timed``); its max |delta| over all layers is fastrit's at the same 20 steps, which the row
-  checks equal to the loop's own on the timed layers (``reference_delta_difference``, absolute).
+  checks equal to the loop's own on the timed layers (``reference_delta_difference``, absolute), as it checks the
+  scores (``reference_score_rel_error``: max |difference| / max |score| of fastrit's 20-step scores).
 
 Each row: seconds (median of ``repeats``; the reference loop once), forwards of time and of FLOPs, max |delta| over
 the layers, the reference loop's time over the row's (``speedup``) with whether the row's max |delta| is no larger
@@ -39,12 +41,14 @@ SHAPES = {
     "llama3_8b": dict(layers=2, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, prompt=128,
                       answers=(1,), real=None),
 }
+#: on a GPU, Llama-3-8B's shape deeper and at a longer prompt (about 4 GB of bf16 weights at 8 layers)
+CUDA_SHAPES = {**SHAPES, "llama3_8b": {**SHAPES["llama3_8b"], "layers": 8, "prompt": 512, "answers": (1, 5)}}
 QUICK_SHAPES = {
     "smollm2": dict(layers=3, hidden=32, intermediate=48, heads=4, kv_heads=2, vocab=96, prompt=20, answers=(1, 3),
                     real=None),
 }
 STEPS = 20
-REFERENCE_LAYERS = 3
+REFERENCE_LAYERS = 2
 
 
 def _random_model(shape: dict, dtype: torch.dtype, device: str) -> transformers.PreTrainedModel:
@@ -146,7 +150,10 @@ def scenario_rows(name: str, shape: dict, answer: int, model, weights: str, repe
     scale = layers / len(timed_layers)
     fixed_result, ref_result = results[fixed["provider"]], results[ref["provider"]]
     own = ref_result.delta.abs()
-    same_layers = fixed_result.delta[:, [fixed_result.layers.index(layer) for layer in timed_layers]].abs()
+    columns = [fixed_result.layers.index(layer) for layer in timed_layers]
+    same_layers = fixed_result.delta[:, columns].abs()
+    scores, want = fixed_result.scores[:, columns], ref_result.scores
+    ref.update(reference_score_rel_error=float((scores - want).abs().max() / want.abs().max()))
     ref.update(median_s=ref["median_s"] * scale, gflops=ref["gflops"] * scale, max_abs_delta=fixed["max_abs_delta"],
                reference_layers_timed=timed_layers,
                reference_delta_difference=float((own - same_layers).abs().max()))
@@ -166,7 +173,8 @@ def run_real_shapes(repeats: int, quick: bool, device: str, only: list[str] | No
     """Every scenario's rows (fp32 on the CPU, bf16 on CUDA)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     rows = []
-    for name, shape in (QUICK_SHAPES if quick else SHAPES).items():
+    shapes = QUICK_SHAPES if quick else CUDA_SHAPES if device == "cuda" else SHAPES
+    for name, shape in shapes.items():
         if only and name not in only:
             continue
         model, weights = load_model(shape, dtype, device)

@@ -220,6 +220,13 @@ def run(shape: dict, repeats: int, kn_shapes: dict) -> dict:
             "summary": summary}
 
 
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:  # a GPU machine without the reference packages
+        return None
+
+
 def environment() -> dict:
     return {
         "machine": platform.machine(),
@@ -229,7 +236,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "knowledge_neurons": importlib.metadata.version("knowledge-neurons"),
+        "knowledge_neurons": _version("knowledge-neurons"),
         "fastrit": fastrit.__version__,
         "device": "cpu",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -14,6 +14,8 @@ Examples::
     python -m benchmarks.bench_kernels                       # every op at its default shape
     python -m benchmarks.bench_kernels --op swiglu --shape 2048x5632
     python -m benchmarks.bench_kernels --op ig_accumulate_linear --shape 20x512x256x704 --dtype bf16
+    python -m benchmarks.bench_kernels --op swiglu --op nf4_dequantize --shape swiglu=2048x14336 \
+        --shape nf4_dequantize=4096x14336 --dtype bf16       # several ops, each at its own shape
     python -m benchmarks.bench_kernels --threads 1 --name bench_kernels_1thread   # one CPU thread
 """
 
@@ -323,10 +325,38 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def parse_shape_option(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """``--shape``: ``SIZES`` (for the one ``--op``) or ``OP=SIZES`` -> (op or None, sizes)."""
+    op, sep, sizes = text.rpartition("=")
+    if sep and op not in SHAPES:
+        raise argparse.ArgumentTypeError(f"--shape: unknown op {op!r} in {text!r}; expected one of {', '.join(SHAPES)}")
+    return (op or None), parse_shape(sizes)
+
+
+def _shapes(parser: argparse.ArgumentParser, chosen: list[str],
+            options: list[tuple[str | None, tuple[int, ...]]]) -> dict[str, tuple[int, ...]]:
+    """Every op's default shape, overridden by the ``--shape`` options (checked against ``chosen``)."""
+    shapes = dict((op, shape) for op, (shape, _) in SHAPES.items())
+    for op, shape in options:
+        if op is None:
+            if len(chosen) != 1:
+                parser.error("--shape SIZES needs exactly one --op (for several, --shape OP=SIZES)")
+            op = chosen[0]
+        elif op not in chosen:
+            parser.error(f"--shape: {op} is not among the ops to run ({', '.join(chosen)})")
+        expected = len(SHAPES[op][0])
+        if len(shape) != expected:
+            parser.error(f"--shape: {op} takes {expected} sizes ({SHAPES[op][1]})")
+        shapes[op] = shape
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--op", action="append", choices=list(SHAPES), help="op to benchmark (repeatable; default all)")
-    parser.add_argument("--shape", type=parse_shape, help="sizes for --op, e.g. 2048x5632 (see the op's default)")
+    parser.add_argument("--shape", type=parse_shape_option, action="append", default=[],
+                        help="sizes for the one --op, e.g. 2048x5632 (see the op's default), or OP=SIZES "
+                             "(repeatable), e.g. swiglu=2048x14336")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
@@ -338,14 +368,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--name", default="bench_kernels", help="output file stem")
     args = parser.parse_args(argv)
     chosen = args.op or list(SHAPES)
-    shapes = dict((op, shape) for op, (shape, _) in SHAPES.items())
-    if args.shape is not None:
-        if len(chosen) != 1:
-            parser.error("--shape needs exactly one --op")
-        expected = len(SHAPES[chosen[0]][0])
-        if len(args.shape) != expected:
-            parser.error(f"--shape: {chosen[0]} takes {expected} sizes ({SHAPES[chosen[0]][1]})")
-        shapes[chosen[0]] = args.shape
+    shapes = _shapes(parser, chosen, args.shape)
     if args.rounds < 1:
         parser.error("--rounds: must be >= 1")
     if args.threads < 1:

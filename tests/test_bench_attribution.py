@@ -39,6 +39,7 @@ def test_quick_real_shapes_write_their_rows(tmp_path):
             assert row["max_abs_delta"] >= 0
         if row["provider"].startswith("reference"):
             assert row["reference_delta_difference"] < 1e-4  # the loop's delta is fastrit's at the same rule
+            assert row["reference_score_rel_error"] < 1e-4
         if row["provider"] == "fastrit (auto)":
             assert row["delta_within_reference"]
     assert (tmp_path / "bench_attribution_quick_real_shapes.csv").read_text().startswith("scenario,provider,")

@@ -39,6 +39,26 @@ def test_shape_must_match_the_op():
         bench_kernels.main(["--op", "swiglu", "--shape", "7x13x5"])
 
 
+def test_several_ops_each_at_its_own_shape(tmp_path):
+    ops = ["swiglu", "nf4_dequantize"]
+    rows = bench_kernels.main(["--op", ops[0], "--op", ops[1], "--shape", f"swiglu={TINY['swiglu']}",
+                               "--shape", f"nf4_dequantize={TINY['nf4_dequantize']}", "--no-compile",
+                               "--min-run-time", "0.01", "--rounds", "1", "--out", str(tmp_path), "--name", "two"])
+    assert {(row.op, row.shape) for row in rows} == {(op, TINY[op]) for op in ops}
+    assert {row["op"] for row in json.loads((tmp_path / "two.json").read_text())["rows"]} == set(ops)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--op", "swiglu", "--op", "ig_accumulate", "--shape", "7x13"],  # SIZES alone: which op?
+    ["--op", "swiglu", "--shape", "ig_accumulate=3x7x13"],  # an op that is not run
+    ["--op", "swiglu", "--shape", "swigloo=7x13"],  # no such op
+    ["--op", "swiglu", "--op", "ig_accumulate", "--shape", "ig_accumulate=7x13"],  # wrong number of sizes
+])
+def test_op_shapes_must_name_an_op_that_runs_with_its_sizes(argv):
+    with pytest.raises(SystemExit):
+        bench_kernels.main(argv)
+
+
 def test_threads_are_recorded_and_used(tmp_path, monkeypatch):
     from torch.utils import benchmark
 
