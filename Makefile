@@ -1,4 +1,5 @@
-# fastrit: `make test` sets up .venv from nothing and runs the tests; `make bench` runs the benchmarks.
+# fastrit: `make test` sets up .venv from nothing and runs the tests; `make bench` runs the benchmarks; on a CUDA GPU,
+# `make gpu-test` runs the GPU tests and `make gpu-bench` the one-shot GPU benchmark.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ PIP := $(VENV)/bin/pip
 TORCH_VERSION := 2.14.1
 STAMP := $(VENV)/.fastrit-installed
 
-.PHONY: install test demo gpu-test bench lint clean
+.PHONY: install test demo gpu-test gpu-bench bench lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +46,13 @@ demo: $(STAMP)
 gpu-test: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu -rs tests
 
+# One shot for whoever is lent a GPU, within 8 minutes on an H100 (benchmarks/gpu_bench.py): versions, GPU and
+# extension check, the GPU tests (as gpu-test, less the compile guard that `make test` runs), attribution at real
+# shapes and the kernels at Llama-3-8B shapes on CUDA. Writes benchmarks/results/gpu_bench.{json,md,log}. Options go
+# in GPU_BENCH_ARGS, e.g. `make gpu-bench GPU_BENCH_ARGS="--offline --out /tmp/gpu"` on a machine without network.
+gpu-bench: $(STAMP)
+	$(PY) -m benchmarks.gpu_bench $(GPU_BENCH_ARGS)
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.bench_attribution
 	$(PY) -m benchmarks.bench_kernels
@@ -53,6 +61,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.bench_prepare --rounds 3
 	$(PY) -m benchmarks.bench_tune
 	$(PY) -m benchmarks.bench_8b_cpu
+	$(PY) -m benchmarks.bench_attribution_memory
 	$(PY) -m benchmarks.bench_real
 
 lint: $(STAMP)

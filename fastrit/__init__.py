@@ -5,7 +5,7 @@
 
 from . import data
 from .arch import FAMILIES, ArchSpec, resolve_arch
-from .attribution import METHODS, NeuronAttribution, attribute, attribute_reference
+from .attribution import METHODS, NeuronAttribution, attribute, attribute_reference, plan_attribution
 from .evaluate import evaluate
 from .mining import NeuronSets, mine
 from .ops import backends
@@ -29,6 +29,7 @@ __all__ = [
     "export",
     "load_delta",
     "mine",
+    "plan_attribution",
     "plan_memory",
     "prepare",
     "resolve_arch",

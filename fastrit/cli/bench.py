@@ -20,6 +20,8 @@ BENCHMARKS = {
     "prepare": "a prepared model's training memory and step time against the plain way",
     "tune": "two-stage tuning of the embedded reader: the noisy-context answer loss",
     "8b_cpu": "one real training step of a Llama-3-8B-shaped model on this CPU, beside plan_memory",
+    "attribution_memory": "fastrit.attribute's peak RSS on Llama-3-8B-wide 2- and 4-layer models, beside "
+                          "plan_attribution",
 }
 
 

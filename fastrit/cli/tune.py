@@ -1,4 +1,5 @@
-"""``fastrit tune`` (prepare, then Neuro-RIT's two stages) and ``fastrit plan`` (the memory a run will take)."""
+"""``fastrit tune`` (prepare, then Neuro-RIT's two stages) and ``fastrit plan`` (the memory a run or an attribution will
+take)."""
 
 from __future__ import annotations
 
@@ -82,10 +83,12 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
 
     plan = subparsers.add_parser(
         "plan", formatter_class=HelpFormatter,
-        help="predict the memory of a training run, before loading anything",
+        help="predict the memory of a training run or an attribution, before loading anything",
         description="fastrit.plan_memory for a built-in model (llama-3-8b, mistral-7b, qwen2-7b, gemma-2-9b) or a "
                     "config.json / model folder, beside the plain way (dense weights, the same parameters "
-                    "trainable, torch AdamW, no checkpointing, the model's own loss).",
+                    "trainable, torch AdamW, no checkpointing, the model's own loss). With --attribute: "
+                    "fastrit.plan_attribution, the peak of fastrit.attribute on one example (every layer, the "
+                    "default batch size).",
     )
     plan.add_argument("config", metavar="CONFIG", help="a built-in name, a config.json, or a model folder")
     plan.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
@@ -100,7 +103,24 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                       help="dtype of the weights that are not NF4")
     plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                       help="where the step runs (bitsandbytes' 8-bit AdamW needs a float32 workspace on CPU)")
+    group = plan.add_argument_group("attribution (--attribute)")
+    group.add_argument("--attribute", action="store_true",
+                       help="plan fastrit.attribute instead of a training step (the training options are ignored)")
+    group.add_argument("--tokens", type=int, default=512, help="prompt tokens")
+    group.add_argument("--answer-tokens", type=int, default=1, help="answer tokens")
+    group.add_argument("--steps", type=_steps, default=20, help="integration points per layer, or 'auto'")
+    group.add_argument("--positions", choices=("last", "answer", "all"), default="last", help="scaled positions")
     plan.set_defaults(run=run_plan)
+
+
+def _steps(text: str) -> int | str:
+    """An argparse type: a positive int, or 'auto'."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
 
 
 def run_tune(args: argparse.Namespace) -> None:
@@ -157,6 +177,9 @@ def run_plan(args: argparse.Namespace) -> None:
     from ..tuning.plan import plan_memory
 
     config = _config(args.config)
+    if args.attribute:
+        _print_attribution_plan(args, config)
+        return
     common = dict(seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
                   train_layers=args.train_layers, neurons=args.neurons, dtype=args.dtype, device=args.device)
     ours = plan_memory(config, quantize_frozen=None if args.quantize_frozen == "none" else "nf4",
@@ -170,3 +193,16 @@ def run_plan(args: argparse.Namespace) -> None:
     for name in ours.breakdown:
         print(f"{name:<{width}}  {ours.breakdown[name] / 2**30:7.3f} GiB  {plain.breakdown[name] / 2**30:7.3f} GiB")
     print(f"{'peak':<{width}}  {ours.peak_gib:7.3f} GiB  {plain.peak_gib:7.3f} GiB")
+
+
+def _print_attribution_plan(args: argparse.Namespace, config) -> None:
+    from ..attribution.plan import plan_attribution
+
+    plan = plan_attribution(config, tokens=args.tokens, answer_tokens=args.answer_tokens, steps=args.steps,
+                            positions=args.positions, dtype=args.dtype, device=args.device)
+    settings = plan.settings
+    print(f"{args.config}: fastrit.attribute on {args.tokens} prompt + {args.answer_tokens} answer tokens, "
+          f"steps {args.steps}, positions {args.positions!r}, {len(settings['layers'])} layers, {args.dtype} on "
+          f"{args.device}: chunks of {settings['chunk_rows']} of {settings['rows']} IG rows, "
+          f"{settings['recomputed_tokens']} recomputed token{'s' if settings['recomputed_tokens'] > 1 else ''} each")
+    print(plan.table())

@@ -37,76 +37,22 @@ backward: an upper bound).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
-import transformers
 from torch import nn
 
+from ..memory import BUILT_IN_CONFIGS, DTYPES, GIB, MemoryPlan, meta_model, resolve_config
 from .loss import CHUNK_LOGITS
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, checkpointed_layers, prepare
 
-__all__ = ["BUILT_IN_CONFIGS", "PERSISTENT_PARTS", "STEP_PARTS", "MemoryPlan", "plan_memory"]
+__all__ = ["BUILT_IN_CONFIGS", "GIB", "PERSISTENT_PARTS", "STEP_PARTS", "MemoryPlan", "plan_memory"]
 
-GIB = 1024**3
-
-#: built-in names -> transformers config (the published shapes; no weights needed)
-BUILT_IN_CONFIGS = {
-    "llama-3-8b": lambda: transformers.LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False),
-    "mistral-7b": lambda: transformers.MistralConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=32768, tie_word_embeddings=False),
-    "qwen2-7b": lambda: transformers.Qwen2Config(
-        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, max_position_embeddings=32768, tie_word_embeddings=False),
-    "gemma-2-9b": lambda: transformers.Gemma2Config(
-        vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42, num_attention_heads=16,
-        num_key_value_heads=8, head_dim=256, max_position_embeddings=8192, tie_word_embeddings=True),
-}
 OPTIMIZERS = ("adamw8bit", "adamw")
 #: the breakdown's parts that persist through a step, and those that exist during forward and backward only
 PERSISTENT_PARTS = ("frozen weights", "trainable weights", "gradients", "optimizer states")
 STEP_PARTS = ("saved activations", "logits and loss", "workspace")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps float32 optimizer states for smaller tensors
 BNB_STATE_BLOCK = 256
-
-
-@dataclass
-class MemoryPlan:
-    """Predicted peak memory of one training step, and its parts (bytes)."""
-
-    peak_bytes: int
-    trainable_params: int
-    breakdown: dict[str, int] = field(default_factory=dict)
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak_bytes / GIB
-
-    def table(self) -> str:
-        width = max(len(k) for k in self.breakdown)
-        lines = [f"{name:<{width}}  {value / GIB:8.3f} GiB" for name, value in self.breakdown.items()]
-        lines.append(f"{'peak':<{width}}  {self.peak_gib:8.3f} GiB   ({self.trainable_params:,} trainable; weights, "
-                     "gradients and states plus the larger of the step's and the optimizer's transients)")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.table()
-
-
-def _config(config) -> transformers.PretrainedConfig:
-    if isinstance(config, str):
-        if config not in BUILT_IN_CONFIGS:
-            raise ValueError(f"config: unknown name {config!r}; built-in: {sorted(BUILT_IN_CONFIGS)} "
-                             "(or pass a transformers config)")
-        return BUILT_IN_CONFIGS[config]()
-    if not isinstance(config, transformers.PretrainedConfig):
-        raise TypeError(f"config: expected a transformers config or a built-in name, got {type(config).__name__}")
-    return config
 
 
 def _nf4_bytes(numel: int, nested: bool = True) -> int:
@@ -151,7 +97,7 @@ def plan_memory(
             loss: the whole ``[B, T, V]`` float32 logits, their log-softmax and their gradient).
         device: "cuda" or "cpu": where the step runs (bitsandbytes' 8-bit AdamW needs a float32 workspace on CPU).
     """
-    config = _config(config)
+    config = resolve_config(config)
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected a positive int, got {value!r}")
@@ -178,10 +124,7 @@ def plan_memory(
             raise ValueError(f"neurons: expected the trainable neurons per target layer, 1 to {intermediate}")
     torch_dtype = DTYPES[dtype]
     size = torch.empty((), dtype=torch_dtype).element_size()
-    config = config.__class__.from_dict(config.to_dict())
-    config.dtype = torch_dtype
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    model = meta_model(config, torch_dtype)
     kwargs = dict(deactivate=None, train_layers=train_layers, train=train, quantize_frozen=None,
                   gradient_checkpointing=False)
     if train == "neurons":
