@@ -55,9 +55,11 @@ _MASKABLE_ATTENTION = ("eager", "sdpa")
 
 @contextmanager
 def model_session(model: nn.Module) -> Iterator[None]:
-    """Eval mode, and an attention implementation that takes 4D masks, for the duration of the block.
+    """Eval mode, no parameter requiring grad, and an attention implementation that takes 4D masks, for the duration
+    of the block.
 
-    The model's training flag and attention implementation are restored afterwards, also on error.
+    The model's training flag, its parameters' requires_grad and its attention implementation are restored
+    afterwards, also on error.
     Kernels such as flash-attention and flex-attention ignore custom 4D masks; such models run PyTorch's
     scaled_dot_product_attention here (transformers' "sdpa", fused kernels on a GPU), or eager attention for a
     model class without sdpa support.
@@ -66,14 +68,21 @@ def model_session(model: nn.Module) -> Iterator[None]:
     config = model.config
     attention = getattr(config, "_attn_implementation", None)
     switch = isinstance(attention, str) and attention not in _MASKABLE_ATTENTION
+    # gradients are taken with respect to injected tensors only: parameters that require grad would make autograd
+    # save every projection's input for weight gradients never formed (a quarter to a third of the saved activations)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     model.eval()
     try:
+        for param in trainable:
+            param.requires_grad_(False)
         if switch:
             config._attn_implementation = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
         yield
     finally:
         if switch:
             config._attn_implementation = attention
+        for param in trainable:
+            param.requires_grad_(True)
         model.train(was_training)
 
 
@@ -105,14 +114,14 @@ class _CleanPass:
         def capture_output(layer: int):
             def hook(module: nn.Module, args: tuple, output: object) -> None:
                 hidden = output[0] if isinstance(output, tuple) else output
-                self.entry_hidden[layer] = hidden[0, p0:].detach()
+                self.entry_hidden[layer] = hidden[0, p0:].detach().clone()  # not a view keeping all [S, D]
 
             return hook
 
         def capture_input(layer: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
                 hidden = args[0] if args else kwargs["hidden_states"]
-                self.entry_hidden[layer] = hidden[0, p0:].detach()
+                self.entry_hidden[layer] = hidden[0, p0:].detach().clone()
 
             return hook
 

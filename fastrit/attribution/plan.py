@@ -15,8 +15,8 @@ Persistent (from the clean pass to the end):
 - ``key/value cache``: the clean pass's cache, every layer, ``2 KV hd S s`` each (the prefix the rows read is a
   view of it); none when ``p0 = 0`` (``positions="all"``);
 - ``sites and entry states``: per attributed layer, the sites ``[P, I]`` (``s``, and a float32 copy when
-  ``s != 4``), ``W a`` ``[P, D]`` float32 (additive-MLP families), and the entry hidden states: a view
-  ``[n, D]`` of the layer's whole ``[S, D]`` output (or input), which keeps all ``S D s`` of it;
+  ``s != 4``), ``W a`` ``[P, D]`` float32 (additive-MLP families), and the entry hidden states ``[n, D]`` (a copy
+  of the recomputed positions of the layer's output, or input);
 - ``scores``: ``[A, I]`` float32 twice (the running sums and the result).
 
 Transient, one at a time (the peak takes the largest):
@@ -35,11 +35,11 @@ Transient, one at a time (the peak takes the largest):
   - ``chunk: saved activations``: what autograd keeps for the backward. **An upper bound**: every row is counted
     in every layer from the lowest entry layer up, as one forward of ``R`` rows over those layers saves; the
     sweep runs rows from their own entry layer only (segments whose batch grows as they move up), so with many
-    attributed layers it saves less (about 0.8x for Llama-3-8B, all layers, default batch). Per layer and token:
-    each norm's own saved tensors (Llama-style RMSNorm: its float32 input and the normalised value, ``4 + s``
-    per ``D``; Gemma-style: ``8``; LayerNorm: ``s``) plus ``s`` for a norm whose output feeds a projection, the
-    attention's query and output (``2 q s``), the MLP's ``4 I s`` (gated: gate, activation, up, product), the
-    segment's input ``D s``; per layer ``2 b H Sk hd s`` for keys and values repeated to ``H`` heads (the 4D mask
+    attributed layers it saves less (about 0.8x for Llama-3-8B, all layers, default batch). The parameters do not
+    require grad while the engine runs, so no projection saves its input. Per layer and token: each norm's float32
+    input (RMSNorm: ``4`` per ``D``; LayerNorm: ``s``), the attention's query and output (``2 q s``; eager
+    attention: the query), the MLP's ``3 I s`` (gated: gate, activation, up), one residual ``D s`` (none with
+    GPT-NeoX's parallel residual); per layer ``2 b H Sk hd s`` for keys and values repeated to ``H`` heads (the 4D mask
     rules out SDPA's grouped-query path), the mask ``b g n Sk s`` and the log-sum-exp; then the final norm, the
     head's input ``[R, K, D]``, and the rows' entry values (float32 and ``s``);
   - ``chunk: logits and workspace``: the largest of the logits at the start of the backward,
@@ -48,9 +48,8 @@ Transient, one at a time (the peak takes the largest):
     segment's key/value cache at the end of the forward (``2 b KV Sk hd s`` per layer run) and one layer's
     backward (gradients of the repeated keys and values and three ``[tok, I]``).
 
-Autograd saves what the parameters' ``requires_grad`` asks for: a loaded model's parameters require grad (the
-engine leaves them so), so every projection's input is saved for a weight gradient that is never formed, and the
-plan counts it; with frozen parameters the chunk saves a quarter to a third less and the plan is that much high.
+  In the other families (rows enter layer ``l`` at its input, constant, with the site replaced inside it), the
+  lowest entry layer's attention and its MLP up to the site save nothing.
 
 ``peak_bytes`` = the persistent parts + the largest of ``clean pass``, ``float32 projection`` and the chunk's
 two parts together. Measured against peak RSS on this CPU by ``benchmarks/bench_attribution_memory.py``.
@@ -103,28 +102,31 @@ class _Family:
         fused_kv: without a prefix cache, keys and values are views of a fused projection: its saved ``[tok, D]``
             tensors for them; None: ``[b, H, Sk, hd]`` each, as with a prefix.
         head_norms: per-head RMSNorm of queries and keys.
+        residual: ``[tok, D]`` tensors saved per layer besides the norms' (none with GPT-NeoX's parallel residual).
     """
 
     norm: str = "llama"
     pre_norms: int = 2
     post_norms: int = 0
-    mlp: int = 4
+    mlp: int = 3
     attention: int | None = None
     fused_kv: int | None = None
     head_norms: bool = False
+    residual: int = 1
 
 
 _FAMILY_SHAPES = {
     "llama": _Family(), "mistral": _Family(), "qwen2": _Family(), "phi3": _Family(),
     "qwen3": _Family(head_norms=True), "gemma": _Family(norm="gemma"), "gemma2": _Family(norm="gemma", post_norms=2),
     "gemma3_text": _Family(norm="gemma", post_norms=2, head_norms=True),
-    "gpt2": _Family(norm="layer", mlp=5, attention=4, fused_kv=0), "gpt_neox": _Family(norm="layer", mlp=2, fused_kv=4),
+    "gpt2": _Family(norm="layer", mlp=4, attention=4, fused_kv=0),
+    "gpt_neox": _Family(norm="layer", pre_norms=1, mlp=1, fused_kv=4, residual=0),
 }
 
 
 def _norm_bytes(style: str, elem: int) -> int:
     """Bytes a norm saves per element of its input, not counting its output."""
-    return {"llama": 4 + elem, "gemma": 8, "layer": elem}[style]
+    return {"llama": 4, "gemma": 4, "layer": elem}[style]
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ class _Model:
     softcap: bool  # attention logits soft-capped (eager attention saves the tanh)
     final_softcap: bool  # output logits soft-capped (the head's tanh is saved: 4 more bytes per logit)
     layer_token_bytes: int  # saved per token and decoder layer, besides keys, values, mask
+    attention_token_bytes: int  # the part of layer_token_bytes before the MLP: the input norm and the attention
+    mlp_token_bytes: int  # the MLP's part of layer_token_bytes (before its output projection: the site)
     final_token_bytes: int  # saved by the final norm per token, besides its output
     fused_kv_token_bytes: int | None  # without a prefix: keys and values per token (views of a fused projection)
 
@@ -160,16 +164,21 @@ class _Model:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         q = heads * head_dim
         own = _norm_bytes(family.norm, elem)
-        per_token = (family.pre_norms * (own + elem) + family.post_norms * own + elem) * hidden
+        per_token = ((family.pre_norms + family.post_norms) * own + family.residual * elem) * hidden
         per_token += family.mlp * intermediate * elem
-        per_token += (family.attention * hidden if family.attention else 2 * q) * elem
-        if family.head_norms:
-            per_token += own * (q + kv_heads * head_dim)
         eager = (attention or getattr(config, "_attn_implementation", None)) == "eager"
+        # SDPA saves its query and output; eager attention its query (the scores' matmul; the output feeds a frozen
+        # projection, which saves nothing)
+        attention_part = (family.attention * hidden if family.attention else (1 if eager else 2) * q) * elem
+        attention_part += own * hidden
+        if family.head_norms:
+            attention_part += own * (q + kv_heads * head_dim)
+        per_token += attention_part - own * hidden  # the input norm is among the norms above
         return cls(hidden, intermediate, heads, kv_heads, head_dim, arch.lm_head.weight.shape[0], arch.num_layers,
                    elem, arch.spec.attributes_linearly, arch.spec.pack_rows, eager,
                    bool(getattr(config, "attn_logit_softcapping", None)),
-                   bool(getattr(config, "final_logit_softcapping", None)), per_token, own * hidden,
+                   bool(getattr(config, "final_logit_softcapping", None)), per_token, attention_part,
+                   family.mlp * intermediate * elem, own * hidden,
                    None if family.fused_kv is None else family.fused_kv * hidden * elem)
 
 
@@ -217,7 +226,7 @@ def _call_shapes(model: _Model, tokens: int, answer_tokens: int, steps: int | st
 def _persistent(model: _Model, call: _Call, weights: int, device: str) -> dict[str, int]:
     s, d, i = model.elem, model.hidden, model.intermediate
     kv = 2 * model.layers * model.kv_heads * model.head_dim * call.length * s if call.first > 0 else 0
-    per_layer = call.scaled * i * (s + (4 if s != 4 else 0)) + call.length * d * s
+    per_layer = call.scaled * i * (s + (4 if s != 4 else 0)) + call.n * d * s
     if model.additive:
         per_layer += call.scaled * d * 4
     return {
@@ -257,16 +266,20 @@ def _chunk(model: _Model, call: _Call) -> tuple[int, int]:
     if call.first == 0 and model.fused_kv_token_bytes is not None:
         kv_repeated = tok * model.fused_kv_token_bytes
     attention_matrix = batch * model.heads * group * n * keys
-    per_layer = (tok * model.layer_token_bytes + kv_repeated + batch * group * n * keys * s
-                 + batch * model.heads * group * n * 4)
+    attention = kv_repeated + batch * group * n * keys * s + batch * model.heads * group * n * 4
     if model.eager:  # the float32 softmax, its copy in the model's dtype, the soft-cap's tanh
-        per_layer += attention_matrix * (4 + (s if s != 4 else 0) + (s if model.softcap else 0))
+        attention += attention_matrix * (4 + (s if s != 4 else 0) + (s if model.softcap else 0))
+    per_layer = tok * (model.layer_token_bytes - model.attention_token_bytes) + attention
+    per_layer += tok * model.attention_token_bytes
     copy = s if s != 4 else 0  # the float32 entry values, and their copy in the model's dtype
     if model.additive:
         entries = rows * n * d * (4 + copy)
     else:
         entries = rows * (call.scaled * i * (4 + copy) + (call.scaled + n) * i * s)
     saved = run * per_layer + tok * model.final_token_bytes + rows * call.answer * d * s + entries
+    if not model.additive:  # rows enter the lowest layer at its input, constant: what comes before the site (its
+        # attention, and the MLP up to the replaced site) needs no backward there
+        saved -= tok * (model.attention_token_bytes + model.mlp_token_bytes) + attention
     logits = (LOGIT_BYTES + (4 if model.final_softcap else 0)) * rows * call.answer * model.vocab
     cache = run * 2 * batch * model.kv_heads * keys * model.head_dim * s
     backward = kv_repeated + 3 * tok * i * s
