@@ -126,3 +126,17 @@ def test_the_sweep_does_not_synchronise_the_host(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(engine, "_run_chunk", strict)
     fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids, steps=6, batch_size=4)
     assert len(chunks) > 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_auto_steps_on_cuda_equal_the_cpu_engine(tiny_model, tiny_model_dir, family):
+    """steps="auto" on CUDA picks the same sizes per layer as on the CPU (fp32) and gives the same scores."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir(family)).cuda().eval()
+    kwargs = dict(positions="answer", steps="auto", delta_tol=1e-4)
+    input_ids, attention_mask, target_ids = batch("cuda")
+    got = fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids, **kwargs)
+    input_ids, attention_mask, target_ids = batch("cpu")
+    want = fastrit.attribute(tiny_model(family), input_ids, attention_mask=attention_mask, target_ids=target_ids,
+                             **kwargs)
+    assert torch.equal(got.steps_used.cpu(), want.steps_used)
+    assert relative_error(got.scores, want.scores) < 1e-4
