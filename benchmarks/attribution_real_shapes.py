@@ -14,7 +14,7 @@ Per scenario, providers (positions "last", objective "logprob", a random prompt 
   checks equal to the loop's own on the timed layers (``reference_delta_difference``, absolute), as it checks the
   scores (``reference_score_rel_error``: max |difference| / max |score| of fastrit's 20-step scores).
 
-Each row: seconds (median of ``repeats``; the reference loop once), forwards of time and of FLOPs, max |delta| over
+Each row: seconds (median of ``repeats``), forwards of time and of FLOPs, max |delta| over
 the layers, the reference loop's time over the row's (``speedup``) with whether the row's max |delta| is no larger
 than the loop's (``delta_within_reference``), and peak memory (CPU: the process's peak RSS during the call, which
 includes the model's weights; CUDA: ``torch.cuda.max_memory_allocated``). SmolLM2 uses its real weights when the
@@ -131,7 +131,7 @@ def scenario_rows(name: str, shape: dict, answer: int, model, weights: str, repe
         "fastrit (auto)": (lambda: fastrit.attribute(model, ids, steps="auto", **common), repeats),
         f"reference loop ({STEPS} riemann_right)": (
             lambda: fastrit.attribute_reference(model, ids, steps=STEPS, steps_per_batch=10, layers=timed_layers,
-                                                **common), 1),
+                                                **common), repeats),
     }
     rows, results = [], {}
     for provider, (fn, runs) in providers.items():

@@ -87,8 +87,11 @@ class RowLayout:
         ``causal=False`` lets each token of a row see all of that row (an encoder)."""
         # Packing g rows makes each query see prefix + g*n keys; keep g*n <= prefix so that
         # attention costs at most twice the unpacked cost while the prefix is stored once per g rows.
-        group = max(1, min(rows, prefix // n)) if prefix > 0 and pack else 1
-        return cls(rows, n, group, causal)
+        most = max(1, min(rows, prefix // n)) if prefix > 0 and pack else 1
+        # then as few filler slots as that many sequences allow (fewer than one per sequence): 65 rows at most 59
+        # per sequence are 2 x 33, not 2 x 59 with 53 filler rows computed for nothing
+        batch = math.ceil(rows / most)
+        return cls(rows, n, math.ceil(rows / batch), causal)
 
     @property
     def batch(self) -> int:
