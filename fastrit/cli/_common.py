@@ -59,8 +59,8 @@ def add_data_arguments(parser: argparse.ArgumentParser, *, default_split: str = 
     parser.set_defaults(default_split=default_split)
 
 
-def _steps(text: str) -> int | str:
-    """``--steps``: an integer or ``auto``."""
+def steps_argument(text: str) -> int | str:
+    """An argparse type for ``--steps``: an integer or ``auto``."""
     if text == "auto":
         return text
     try:
@@ -71,7 +71,7 @@ def _steps(text: str) -> int | str:
 
 def add_attribution_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("attribution (Integrated Gradients)")
-    group.add_argument("--steps", type=_steps, default=20,
+    group.add_argument("--steps", type=steps_argument, default=20,
                        help="integration points, or 'auto': per layer the fewest Gauss-Legendre points (4, 8, ... 64) "
                             "whose completeness error is within --delta-tol")
     group.add_argument("--method", choices=METHODS, default=None,

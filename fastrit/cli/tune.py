@@ -15,6 +15,7 @@ from ._common import (
     load_data,
     load_model,
     prepare_settings,
+    steps_argument,
 )
 
 __all__ = ["add_parsers", "per_stage"]
@@ -108,19 +109,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
                        help="plan fastrit.attribute instead of a training step (the training options are ignored)")
     group.add_argument("--tokens", type=int, default=512, help="prompt tokens")
     group.add_argument("--answer-tokens", type=int, default=1, help="answer tokens")
-    group.add_argument("--steps", type=_steps, default=20, help="integration points per layer, or 'auto'")
+    group.add_argument("--steps", type=steps_argument, default=20, help="integration points per layer, or 'auto'")
     group.add_argument("--positions", choices=("last", "answer", "all"), default="last", help="scaled positions")
     plan.set_defaults(run=run_plan)
-
-
-def _steps(text: str) -> int | str:
-    """An argparse type: a positive int, or 'auto'."""
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
 
 
 def run_tune(args: argparse.Namespace) -> None:

@@ -13,22 +13,13 @@ import os
 import torch
 from torch import nn
 
-__all__ = ["FIT_MARGIN", "available_memory", "choose_quantization", "model_bytes"]
+from ..memory import stored_bytes
+
+__all__ = ["FIT_MARGIN", "available_memory", "choose_quantization"]
 
 #: the share of the available memory a plan may use (allocator fragmentation, the CUDA context, other tensors)
 FIT_MARGIN = 0.9
 _PLAN_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (each tensor once)."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def _cpu_available() -> int:
@@ -72,7 +63,7 @@ def choose_quantization(model: nn.Module, *, train: str, train_layers: list[int]
     if memory_budget is None:
         if device.type not in ("cuda", "cpu"):
             return None, f"kept in {dtype}: the free memory of a {device.type} device is unknown; pass memory_budget"
-        budget = int(FIT_MARGIN * (available_memory(device) + model_bytes(model)))
+        budget = int(FIT_MARGIN * (available_memory(device) + stored_bytes(model)))
         source = f"{device.type} memory available ({budget / 2**30:.1f} GiB with the model, x{FIT_MARGIN})"
     else:
         budget = int(memory_budget)
