@@ -92,3 +92,58 @@ def test_no_output_projection_weight_is_copied_for_every_layer(monkeypatch):
     result = fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids, steps=4)
     assert result.scores.shape[1] == 24 and alive  # float32 copies were made, for the site outputs
     assert most == 1, f"{most} converted weights alive at once"
+
+
+def test_held_memory_grows_with_depth_by_the_cache_and_sites_only(monkeypatch):
+    """What attribution holds between chunks (every tensor Python can reach, model parameters aside) on a 24-layer
+    bf16 model exceeds a 12-layer one's by at most 12 layers' key/value cache, sites, entry states and scores: no
+    per-layer weight copy (12 float32 output projections here would be 768 KiB, 8x that allowance)."""
+    import gc
+    import sys
+
+    import transformers
+
+    from tests.tiny_models import tiny_config
+
+    engine = sys.modules["fastrit.attribution.engine"]
+    real = engine._run_chunk
+    input_ids, attention_mask, target_ids = prompt_batch("left")
+    input_ids, attention_mask, target_ids = input_ids[:1], attention_mask[:1], target_ids[:1]
+
+    def held_bytes(model) -> int:
+        """Peak over chunk starts of the distinct storages of live tensors, the model's own excluded."""
+        own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        most = 0
+
+        def counted(*args, **kwargs):
+            nonlocal most
+            storages = {}
+            for obj in gc.get_objects():
+                if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                    storage = obj.untyped_storage()
+                    if storage.data_ptr() not in own:
+                        storages[storage.data_ptr()] = storage.nbytes()
+            most = max(most, sum(storages.values()))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "_run_chunk", counted)
+        fastrit.attribute(model, input_ids, attention_mask=attention_mask, target_ids=target_ids, steps=4,
+                          batch_size=5)
+        return most
+
+    held = {}
+    for layers in (12, 24):
+        config = tiny_config("llama")
+        config.num_hidden_layers, config.intermediate_size = layers, 1024
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16).eval()
+        held[layers] = held_bytes(model)
+    length = int(attention_mask.sum()) + int((target_ids != -100).sum()) - 1
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    kv = 2 * config.num_key_value_heads * (hidden // config.num_attention_heads) * length * 2
+    # positions "last": one site [1, I] (bf16 and float32), W a [1, D] float32, entry states [n, D], scores [I] twice
+    answer = int((target_ids != -100).sum())
+    per_layer = kv + intermediate * (2 + 4) + hidden * 4 + answer * hidden * 2 + 2 * intermediate * 4
+    growth = held[24] - held[12]
+    assert 0 < growth <= 12 * per_layer + 4096, (growth, 12 * per_layer)
+    assert 12 * hidden * intermediate * 4 > 8 * 12 * per_layer  # a per-layer weight copy would not fit
