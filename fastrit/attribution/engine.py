@@ -49,6 +49,10 @@ __all__ = ["attribute", "attribute_call", "model_session"]
 _ACT_ELEMS_PER_D = 12
 _ACT_ELEMS_PER_I = 4
 _DEFAULT_ACTIVATION_BUDGET = 2 * 1024**3  # bytes
+# Rows of several layers share a chunk (run in segments, see sweep.run_tail) only while one layer's rows recompute
+# fewer tokens than this: sharing saves per-forward overhead on short rows; on long rows it saves nothing and costs
+# time (larger batches; in Gemma-style families rows joining the carried ones share their entry layer's backward).
+_MIX_LAYERS_BELOW_TOKENS = 512
 # attention implementations that apply an arbitrary additive 4D mask, as the sweep needs
 _MASKABLE_ATTENTION = ("eager", "sdpa")
 
@@ -219,10 +223,16 @@ class _LayerTerms:
             self.scores += ops.ig_accumulate_linear(self.site, grads, weight, weights, backend=self.backend).sum(dim=0)
 
 
-def _chunks(rows: int, size: int) -> Iterator[slice]:
-    """Consecutive runs of at most ``size`` of ``rows`` rows, as slices."""
-    for start in range(0, rows, size):
-        yield slice(start, min(start + size, rows))
+def _chunks(rows: list[_Row], size: int, mix_layers: bool) -> Iterator[slice]:
+    """Consecutive runs of at most ``size`` rows, as slices of ``rows``; with ``mix_layers=False`` a run never spans
+    two layers."""
+    start = 0
+    while start < len(rows):
+        stop = start
+        while stop < len(rows) and stop - start < size and (mix_layers or rows[stop].layer == rows[start].layer):
+            stop += 1
+        yield slice(start, stop)
+        start = stop
 
 
 def _run_chunk(
@@ -322,7 +332,8 @@ def _sweep(
     device = example.positions.device
     row_alphas = torch.tensor([row.alpha for row in rows]).to(device)  # once per sweep, not per chunk
     row_weights = torch.tensor([row.weight for row in rows]).to(device)
-    for part in _chunks(len(rows), chunk):
+    per_layer = max(sum(1 for row in rows if row.layer == layer) for layer in {row.layer for row in rows})
+    for part in _chunks(rows, chunk, mix_layers=per_layer * n < _MIX_LAYERS_BELOW_TOKENS):
         _run_chunk(arch, example, clean, terms, rows[part], row_alphas[part], row_weights[part], objective)
         if bar is not None:
             bar.update(sum(1 for row in rows[part] if row.baseline))  # a layer's baseline row is its last

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fastrit
+from fastrit.attribution import engine
 from tests.tiny_models import prompt_batch
 
 CORE_FAMILIES = ["llama", "mistral", "qwen2", "gpt2", "gpt_neox"]
@@ -54,9 +55,11 @@ def test_other_integration_rules(tiny_model, method):
 @pytest.mark.parametrize("family", ["gpt_neox", "gemma2"])
 @pytest.mark.parametrize("batch_size", [None, 1, 2, 7])
 @pytest.mark.parametrize("positions", ["last", "all"])
-def test_batch_size_does_not_change_results(tiny_model, family, batch_size, positions):
+@pytest.mark.parametrize("mix_layers", [True, False])
+def test_batch_size_does_not_change_results(tiny_model, monkeypatch, family, batch_size, positions, mix_layers):
     """Chunks of any size, spanning several layers (run in segments, one per entry layer) or splitting one, give
     the same numbers."""
+    monkeypatch.setattr(engine, "_MIX_LAYERS_BELOW_TOKENS", 10**9 if mix_layers else 0)
     model = tiny_model(family)
     input_ids, attention_mask, target_ids = prompt_batch("left")
     kwargs = dict(attention_mask=attention_mask, target_ids=target_ids, positions=positions, steps=6)
