@@ -14,7 +14,9 @@ hours. Memory is measured and planned in the same dtype, so the comparison with 
 ``--dtype bfloat16`` runs the GPU setting on a CPU that has bf16 arithmetic.
 
 The step, as ``fastrit.tune`` takes it: ``fastrit.prepare(model, deactivate=None, train_layers=targets, train=MODE,
-quantize_frozen="nf4", gradient_checkpointing=True)`` (the NF4 layers already there are kept), bitsandbytes 8-bit
+planned_batch=(1, 256))`` with its defaults ``quantize_frozen="auto"``, ``gradient_checkpointing="auto"`` (the NF4
+layers already there are kept; checkpointing is on when the step without it would not fit 0.9 x this machine's
+available memory plus the model: recorded as ``gradient_checkpointing`` and ``settings_reason``), bitsandbytes 8-bit
 AdamW (lr 1e-4) over the trainable parameters, the loss of ``fastrit.tuning.causal_lm_loss`` on random token ids
 (batch 1 x 256, every position labelled); forward (with the loss), backward and the optimizer step, each timed.
 Modes: ``mlp`` (the paper's: the target layers' full MLPs, 528,482,304 parameters) and ``neurons`` (1,433 neurons
@@ -25,7 +27,7 @@ Memory: each mode runs in its own process (``--worker``); after building and pre
 reset of the peak (``/proc/self/clear_refs``), then ``VmHWM`` after the step: ``peak_rss_gib`` (absolute) and
 ``peak_over_start_gib`` (minus the RSS right after the imports, the Python + torch + transformers baseline). The
 prediction is ``fastrit.plan_memory("llama-3-8b", seq_len=256, batch_size=1, train=MODE, train_layers=targets,
-neurons=1433 for neurons, quantize_frozen="nf4", optimizer="adamw8bit", gradient_checkpointing=True,
+neurons=1433 for neurons, quantize_frozen="nf4", optimizer="adamw8bit", gradient_checkpointing=as chosen,
 dtype=the same, device="cpu")``, beside the peak over the start (``plan_vs_measured``).
 
 That the step is real: its loss; every trainable tensor's share of changed values (on 65,536 values drawn at random,
@@ -164,8 +166,10 @@ def worker(mode: str, settings: dict) -> dict:
     if mode == "neurons":
         kwargs["neurons"] = {layer: list(range(settings["neurons"])) for layer in settings["targets"]}
     fastrit.prepare(model, deactivate=None, train_layers=list(settings["targets"]), train=mode,
-                    quantize_frozen="nf4", gradient_checkpointing=True, **kwargs)
+                    planned_batch=(settings["batch"], settings["seq"]), **kwargs)  # the "auto" defaults
     seconds["prepare"] = time.perf_counter() - start
+    chosen = model.fastrit_preparation.settings
+    checkpointing = chosen["gradient_checkpointing"]
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     trainable_params = sum(p.numel() for p in trainable.values())
     optimizer = bnb.optim.AdamW8bit(list(trainable.values()), lr=LR)
@@ -200,9 +204,11 @@ def worker(mode: str, settings: dict) -> dict:
     plan = plan_memory(_config(settings), seq_len=settings["seq"], batch_size=settings["batch"], train=mode,
                        train_layers=list(settings["targets"]),
                        neurons=settings["neurons"] if mode == "neurons" else None, quantize_frozen="nf4",
-                       optimizer="adamw8bit", gradient_checkpointing=True, dtype=settings["dtype"], device="cpu")
+                       optimizer="adamw8bit", gradient_checkpointing=checkpointing, dtype=settings["dtype"],
+                       device="cpu")
     return {
         "mode": mode, "loss": float(loss.detach()), "trainable_params": trainable_params,
+        "gradient_checkpointing": checkpointing, "settings_reason": chosen["quantize_reason"],
         "plan_trainable_params": plan.trainable_params,
         "trainable_tensors": len(trainable), "tensors_changed": sum(share > 0 for share in changed.values()),
         "changed_share_min": min(changed.values()), "changed_share_mean": sum(changed.values()) / len(changed),

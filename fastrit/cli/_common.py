@@ -148,14 +148,31 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the target layers' MLPs, only their chosen neurons, or LoRA adapters on them")
     group.add_argument("--train-layers", type=_layers, default=None, metavar="L,L,...",
                        help="the target layers (default: the neuron sets' target layers)")
-    group.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto",
-                       help="the frozen layers: NF4, their dtype, or 'auto': their dtype when a training step fits "
-                            "the device's memory (or --memory-budget), NF4 only when it must")
+    add_memory_arguments(group, "--quantize", "0.9 x the device's available memory plus what the model holds")
     group.add_argument("--no-quantize", action="store_true", help="the same as --quantize none")
+
+
+def add_memory_arguments(group, quantize_flag: str, default_budget: str) -> None:
+    """The settings fastrit.prepare can choose from the memory: ``quantize_flag`` (NF4 or not), ``--checkpointing``
+    / ``--no-checkpointing`` and ``--memory-budget`` (whose default is described by ``default_budget``)."""
+    group.add_argument(quantize_flag, choices=("auto", "nf4", "none"), default="auto",
+                       help="the frozen layers: NF4, their dtype, or 'auto': chosen with --checkpointing from the "
+                            "memory: the model's dtype without checkpointing when a training step fits, then with "
+                            "it, then NF4 without, then NF4 with")
+    group.add_argument("--checkpointing", choices=("auto", "on", "off"), default="auto",
+                       help=f"gradient checkpointing of the decoder layers; 'auto': chosen with {quantize_flag}")
+    group.add_argument("--no-checkpointing", action="store_true", help="the same as --checkpointing off")
     group.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
-                       help="memory the run may use, in GiB, for --quantize auto (default: 0.9 x the device's "
-                            "available memory plus what the model holds)")
-    group.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
+                       help=f"memory the run may use, in GiB, for the 'auto' settings (default: {default_budget})")
+
+
+def checkpointing_setting(args: argparse.Namespace) -> bool | str:
+    """fastrit.prepare's ``gradient_checkpointing`` from ``--checkpointing`` / ``--no-checkpointing``."""
+    if args.no_checkpointing and args.checkpointing != "auto":
+        raise ValueError(f"--no-checkpointing: conflicts with --checkpointing {args.checkpointing}; give one of them")
+    if args.no_checkpointing:
+        return False
+    return {"auto": "auto", "on": True, "off": False}[args.checkpointing]
 
 
 def prepare_settings(args: argparse.Namespace):
@@ -172,10 +189,11 @@ def prepare_settings(args: argparse.Namespace):
     if args.no_quantize and args.quantize != "auto":
         raise ValueError(f"--no-quantize: conflicts with --quantize {args.quantize}; give one of them")
     quantize = "none" if args.no_quantize else args.quantize
-    if args.memory_budget is not None and quantize != "auto":
-        raise ValueError("--memory-budget: only --quantize auto uses it")
+    checkpointing = checkpointing_setting(args)
+    if args.memory_budget is not None and "auto" not in (quantize, checkpointing):
+        raise ValueError("--memory-budget: only the 'auto' settings (--quantize, --checkpointing) use it")
     kwargs = dict(train=args.train, quantize_frozen=None if quantize == "none" else quantize,
-                  gradient_checkpointing=not args.no_checkpointing)
+                  gradient_checkpointing=checkpointing)
     if args.memory_budget is not None:
         if not math.isfinite(args.memory_budget) or args.memory_budget <= 0:
             raise ValueError(f"--memory-budget: expected a positive number of GiB, got {args.memory_budget}")

@@ -76,7 +76,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         kwargs["check_prompts"] = _check_prompts(data, tokenizer, model, count, args)
     prepare(model, sets, **kwargs)
     preparation = model.fastrit_preparation
-    print(f"frozen layers: {preparation.settings['quantize_reason']}")
+    print(f"memory settings: {preparation.settings['quantize_reason']}")
     if preparation.settings["deactivation_limit"] is not None:
         print(f"deactivated: {preparation.settings['deactivation_limit']}")
     for name, change in preparation.effect.items():

@@ -4,14 +4,17 @@ take)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
 from ._common import (
     HelpFormatter,
     add_data_arguments,
+    add_memory_arguments,
     add_model_arguments,
     add_prepare_arguments,
+    checkpointing_setting,
     load_data,
     load_model,
     prepare_settings,
@@ -87,9 +90,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="predict the memory of a training run or an attribution, before loading anything",
         description="fastrit.plan_memory for a built-in model (llama-3-8b, mistral-7b, qwen2-7b, gemma-2-9b) or a "
                     "config.json / model folder, beside the plain way (dense weights, the same parameters "
-                    "trainable, torch AdamW, no checkpointing, the model's own loss). With --attribute: "
-                    "fastrit.plan_attribution, the peak of fastrit.attribute on one example (every layer, the "
-                    "default batch size).",
+                    "trainable in the model's dtype, torch AdamW, no checkpointing, the model's own loss). With "
+                    "--attribute: fastrit.plan_attribution, the peak of fastrit.attribute on one example (every "
+                    "layer, the default batch size).",
     )
     plan.add_argument("config", metavar="CONFIG", help="a built-in name, a config.json, or a model folder")
     plan.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
@@ -97,9 +100,9 @@ def add_parsers(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--train", choices=("mlp", "neurons", "lora"), default="mlp", help="what trains")
     plan.add_argument("--train-layers", type=int, default=3, help="how many target layers")
     plan.add_argument("--neurons", type=int, default=None, help="--train neurons: trainable neurons per layer")
-    plan.add_argument("--quantize-frozen", choices=("nf4", "none"), default="nf4", help="frozen weights' storage")
+    add_memory_arguments(plan, "--quantize-frozen", "0.9 x the free memory of --device on this machine; where "
+                         "there is none, the setting with the least memory")
     plan.add_argument("--optimizer", choices=("adamw8bit", "adamw"), default="adamw8bit", help="optimizer")
-    plan.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing")
     plan.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
                       help="dtype of the weights that are not NF4")
     plan.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -165,6 +168,7 @@ def _config(text: str):
 
 
 def run_plan(args: argparse.Namespace) -> None:
+    from ..tuning.auto import choose_settings
     from ..tuning.plan import plan_memory
 
     config = _config(args.config)
@@ -173,10 +177,19 @@ def run_plan(args: argparse.Namespace) -> None:
         return
     common = dict(seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
                   train_layers=args.train_layers, neurons=args.neurons, dtype=args.dtype, device=args.device)
-    ours = plan_memory(config, quantize_frozen=None if args.quantize_frozen == "none" else "nf4",
-                       optimizer=args.optimizer, gradient_checkpointing=not args.no_checkpointing, **common)
+    quantize = {"auto": "auto", "nf4": "nf4", "none": None}[args.quantize_frozen]
+    checkpointing = checkpointing_setting(args)
+    if "auto" in (quantize, checkpointing):
+        budget, source = _plan_budget(args)
+        choice = choose_settings(config, budget=budget, budget_source=source, quantize_frozen=quantize,
+                                 gradient_checkpointing=checkpointing, optimizer=args.optimizer, **common)
+        ours = choice.plan
+        print(f"settings: {choice.why}")
+    else:
+        ours = plan_memory(config, quantize_frozen=quantize, optimizer=args.optimizer,
+                           gradient_checkpointing=checkpointing, **common)
     plain = plan_memory(config, quantize_frozen=None, optimizer="adamw", gradient_checkpointing=False, loss="model",
-                        **common)
+                        master_weights=False, **common)
     width = max(len(k) for k in ours.breakdown)
     print(f"{args.config}: seq {args.seq_len} x batch {args.batch_size}, train={args.train}, "
           f"{args.train_layers} target layers, {ours.trainable_params:,} trainable parameters")
@@ -184,6 +197,22 @@ def run_plan(args: argparse.Namespace) -> None:
     for name in ours.breakdown:
         print(f"{name:<{width}}  {ours.breakdown[name] / 2**30:7.3f} GiB  {plain.breakdown[name] / 2**30:7.3f} GiB")
     print(f"{'peak':<{width}}  {ours.peak_gib:7.3f} GiB  {plain.peak_gib:7.3f} GiB")
+
+
+def _plan_budget(args: argparse.Namespace) -> tuple[int, str]:
+    """``(bytes, where they come from)`` for ``fastrit plan``'s "auto" settings (see ``--memory-budget``)."""
+    import torch
+
+    from ..tuning.auto import FIT_MARGIN, available_memory
+
+    if args.memory_budget is not None:
+        if not math.isfinite(args.memory_budget) or args.memory_budget <= 0:
+            raise ValueError(f"--memory-budget: expected a positive number of GiB, got {args.memory_budget}")
+        return int(args.memory_budget * 2**30), f"--memory-budget {args.memory_budget:g} GiB"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return 0, "no budget (no --memory-budget, and no CUDA device here)"
+    budget = int(FIT_MARGIN * available_memory(torch.device(args.device)))
+    return budget, f"the free {args.device} memory here ({budget / 2**30:.1f} GiB, x{FIT_MARGIN})"
 
 
 def _print_attribution_plan(args: argparse.Namespace, config) -> None:

@@ -21,6 +21,11 @@ taken out of it in one of two ways, whichever needs no copy of a quantized weigh
 
 The output is ``frozen_out(site(frozen_in(x)) * keep) + site(x @ in_weight^T + in_bias) @ out_weight^T +
 out_bias``, where ``site`` is ``act(gate) * up`` (gated) or ``act(fc)`` (plain).
+
+The trainable tensors may be kept in a wider dtype than the model computes in (float32 master weights of a
+bfloat16/float16 model, ``fastrit.prepare(master_weights=True)``, so that small updates are not rounded away): the
+forward pass casts them to the input's dtype, so the arithmetic is the model's own and the gradients arrive in the
+master dtype.
 """
 
 from __future__ import annotations
@@ -48,6 +53,11 @@ def _frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None, quantize: bo
             layer.bias.copy_(bias)
     layer.requires_grad_(False)
     return layer
+
+
+def _as(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """``tensor`` in ``like``'s dtype (master weights compute in the model's dtype); None stays None."""
+    return tensor if tensor is None or tensor.dtype == like.dtype else tensor.to(like.dtype)
 
 
 def _is_silu(act: nn.Module) -> bool:
@@ -90,6 +100,8 @@ class NeuronMLP(nn.Module):
         self.frozen_in: nn.ModuleList | None = None
         self.frozen_out: nn.Module | None = None
         self.in_weight = self.in_bias = self.out_weight = self.out_bias = None
+        #: the dtype of the original MLP's weights: what :meth:`dense_weights` returns by default
+        self.weight_dtype: torch.dtype = torch.float32
 
     @classmethod
     def from_mlp(cls, mlp: nn.Module, layout: MLPLayout, *, keep: torch.Tensor, train: torch.Tensor,
@@ -118,6 +130,7 @@ class NeuronMLP(nn.Module):
         module = cls(layout, getattr(mlp, layout.act), intermediate, weights.hidden_size, frozen_index=frozen,
                      trainable_index=train, dropout=dropout)
         device = weights.output.device
+        module.weight_dtype = weights.output.dtype
         if frozen.numel():
             module._build_frozen(mlp, layout, weights, frozen.to(device), quantize_frozen)
             if mask_frozen and module.frozen_keep is None:
@@ -188,15 +201,15 @@ class NeuronMLP(nn.Module):
         # the trainable part first: under checkpointing, the recompute stops once every saved tensor is recomputed,
         # so the frozen output projection (NF4, which saves nothing) after it is never recomputed
         if self.in_weight is not None:
-            pre = F.linear(flat, self.in_weight, self.in_bias)
-            out = F.linear(self._site(list(pre.chunk(self.inputs, dim=-1))), self.out_weight)
+            pre = F.linear(flat, _as(self.in_weight, flat), _as(self.in_bias, flat))
+            out = F.linear(self._site(list(pre.chunk(self.inputs, dim=-1))), _as(self.out_weight, flat))
         if self.frozen_in is not None:
             frozen = self.frozen_out(self._site([m(flat) for m in self.frozen_in], self.frozen_keep))
             out = frozen if out is None else frozen + out
         if out is None:  # every neuron deactivated
             out = flat.new_zeros(flat.shape)
         if self.out_bias is not None:
-            out = out + self.out_bias
+            out = out + _as(self.out_bias, out)
         if self.dropout is not None:
             out = self.dropout(out)
         return out.reshape(x.shape)
@@ -204,7 +217,8 @@ class NeuronMLP(nn.Module):
     def dense_weights(self, dtype: torch.dtype | None = None) -> MLPWeights:
         """The MLP as one dense MLP of the original shapes (``[I, H]`` per input, gate then up; ``[H, I]`` output),
         with zero rows and columns for deactivated neurons and the frozen part dequantized, in ``dtype`` (default:
-        the dtype of the trainable weights, else of the frozen part's original weights). Detached copies."""
+        the original MLP's weights' dtype, :attr:`weight_dtype`, whatever dtype master weights are kept in).
+        Detached copies."""
         parts = []
         if self.frozen_in is not None:
             inputs = [dense_weight(m) for m in self.frozen_in]
@@ -220,7 +234,7 @@ class NeuronMLP(nn.Module):
             parts.append((self.trainable_index, list(self.in_weight.detach().chunk(self.inputs)), list(in_bias),
                           self.out_weight.detach(), False))
         if dtype is None:
-            dtype = parts[-1][3].dtype if parts else torch.float32
+            dtype = self.weight_dtype
         device = self.frozen_index.device
         size, hidden = self.intermediate_size, self.hidden_size
         inputs = [torch.zeros(size, hidden, dtype=dtype, device=device) for _ in range(self.inputs)]

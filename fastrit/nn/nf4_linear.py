@@ -27,9 +27,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from .. import ops
 from ..ops import _checks, reference
@@ -69,35 +67,6 @@ def _unshuffle_cpu_packing(weight: torch.Tensor, shape: tuple[int, int]) -> torc
     codes = torch.cat([rows & 0xF, rows >> 4], dim=-1)  # [.., 64]: 32 low nibbles then 32 high nibbles
     codes = codes.reshape(n // block_n, k // 2, block_n, 2).transpose(1, 2).reshape(-1)  # row-major [N * K]
     return ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(-1, 1)
-
-
-class _NF4LinearFunction(torch.autograd.Function):
-    """``y = x @ dequant(W)^T + bias`` saving only the packed codes; backward gives ``x`` its gradient alone."""
-
-    @staticmethod
-    def forward(ctx, x, bias, packed, quant_state, backend):
-        ctx.quant_state = quant_state
-        ctx.backend = backend
-        # the uint8 codes only (the dequantized weight is rebuilt in backward), kept as a plain reference rather than
-        # a saved tensor: they are a frozen buffer, and a layer checkpoint's recompute can then stop before this
-        # projection when nothing after it saves anything
-        ctx.packed = packed
-        return ops.nf4_linear(x, packed, quant_state, bias, backend=backend)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        packed = ctx.packed
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            weight = ops.nf4_dequantize(packed, ctx.quant_state, backend=ctx.backend).to(grad_out.dtype)
-            if grad_out.device.type == "cpu" and grad_out.dtype != torch.float32:
-                # CPU GEMMs in 16-bit dtypes are fast only with the second operand transposed (x @ W^T): on a CPU
-                # without native bf16, [..., out] @ [out, in] as it is runs about 30x slower than this
-                grad_x = F.linear(grad_out, weight.t().contiguous())
-            else:
-                grad_x = torch.matmul(grad_out, weight)  # [..., out] @ [out, in] -> [..., in]
-        return grad_x, None, None, None, None
 
 
 class NF4Linear(nn.Module):
@@ -345,10 +314,10 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` float32/bfloat16/float16 ``[..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``.
 
-        ``x @ dequantize().to(x.dtype)^T + bias.to(x.dtype)``; differentiable in ``x`` only, and the dequantized
-        weight is not kept for backward (it is dequantized again there).
+        ``x @ dequantize().to(x.dtype)^T + bias.to(x.dtype)``; differentiable in ``x`` only. The dequantized weight
+        is what autograd keeps for backward when ``x`` needs a gradient (see the module docstring).
         """
-        return _NF4LinearFunction.apply(x, self.bias, self.packed, self.quant_state, self.backend)
+        return ops.nf4_linear(x, self.packed, self.quant_state, self.bias, backend=self.backend)
 
     # ------------------------------------------------------------------ nn.Module plumbing
 

@@ -122,10 +122,30 @@ def choose(backend: str, device: torch.device) -> str:
     return backend
 
 
+#: :func:`choose`'s answers by (backend, device, TRITON_INTERPRET): an op is called hundreds of times per training
+#: step, and what is installed does not change while a process runs; :func:`clear_choices` forgets them
+_CHOICES: dict[tuple, str] = {}
+
+
+def clear_choices() -> None:
+    """Forget the backends :func:`dispatch` has chosen (after changing what :func:`backends` would report)."""
+    _CHOICES.clear()
+
+
+def chosen(backend: str, device: torch.device) -> str:
+    """:func:`choose`, asked once per backend, device and TRITON_INTERPRET setting (errors are not cached)."""
+    key = (backend, device.type, device.index, os.environ.get("TRITON_INTERPRET"))
+    name = _CHOICES.get(key)
+    if name is None:
+        name = _CHOICES[key] = choose(backend, device)
+    return name
+
+
 def dispatch(op: str, backend: str, device: torch.device, reference_fn, *args):
-    """Run ``op`` on ``args`` with the backend :func:`choose` picks: ``reference_fn`` (torch), the Triton
-    launcher ``fastrit.kernels.<op>_fwd``, or ``torch.ops.fastrit.<op>`` (cpp and cuda)."""
-    name = choose(backend, device)
+    """Run ``op`` on ``args`` with the backend :func:`choose` picks (asked once per backend and device:
+    :func:`chosen`): ``reference_fn`` (torch), the Triton launcher ``fastrit.kernels.<op>_fwd``, or
+    ``torch.ops.fastrit.<op>`` (cpp and cuda)."""
+    name = chosen(backend, device)
     if name == "torch":
         return reference_fn(*args)
     if name == "triton":

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from . import _checks, reference
-from ._backend import choose, compiled_op, triton_kernels
+from ._backend import chosen, compiled_op, triton_kernels
 
 __all__ = ["swiglu"]
 
@@ -50,7 +50,7 @@ def swiglu(
     device = _checks.same_device(gate=gate, up=up, keep=keep)
     gate, up = gate.contiguous(), up.contiguous()
     keep = keep.contiguous() if keep is not None else None
-    name = choose(backend, device)
+    name = chosen(backend, device)
     if name in ("cpp", "cuda"):
         return compiled_op("swiglu_fwd")(gate, up, keep)  # autograd registered in fastrit.ops._library
     if name == "triton":

@@ -15,11 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss"]
+__all__ = ["IGNORE_INDEX", "LOSS_CHUNK_BYTES", "causal_lm_loss", "chunk_positions"]
 
 IGNORE_INDEX = -100
-#: default chunk: positions x vocabulary float32 logits of at most 64 MiB
-CHUNK_LOGITS = 2**24
+#: default memory budget of one chunk (bytes): at Llama-3's 128,256 vocabulary in bfloat16, 348 positions, so that a
+#: 2048-token batch reads the 1 GB output head 6 times (a fixed 64 MiB of float32 logits read it 16 times)
+LOSS_CHUNK_BYTES = 2**28
+
+
+def chunk_positions(vocab_size: int, dtype: torch.dtype, softcap: bool = False,
+                    budget: int = LOSS_CHUNK_BYTES) -> int:
+    """Positions per chunk whose transient memory fits ``budget`` bytes (at least 1): per position, the float32
+    logits (softmax and gradient formed in place), in a 16-bit ``dtype`` the head's output before the cast and the
+    gradient cast back for the product, and with soft-capping the float32 derivative of its tanh."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_position = vocab_size * (4 + (itemsize if itemsize != 4 else 0) + (4 if softcap else 0))
+    return max(1, budget // per_position)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -101,6 +112,7 @@ def _final_hidden_states(model: nn.Module, inner: nn.Module, input_ids: torch.Te
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, *, chunk_size: int | None = None,
+                   chunk_bytes: int = LOSS_CHUNK_BYTES,
                    num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions, as transformers' causal-LM loss.
 
@@ -113,8 +125,10 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
         input_ids: ``[B, T]`` int64; ``labels``: ``[B, T]`` int64, ``-100`` where no loss is taken; position
             ``t``'s hidden state predicts ``labels[:, t + 1]`` (the shift transformers applies).
         attention_mask: ``[B, T]`` or None.
-        chunk_size: labelled positions per pass through the head; default: as many as keep one chunk's float32
-            logits within 64 MiB (``2**24 // vocabulary`` positions, at least 1; 130 at Llama-3's 128,256).
+        chunk_size: labelled positions per pass through the head; default: as many as fit ``chunk_bytes``.
+        chunk_bytes: the memory budget of one chunk when ``chunk_size`` is None (:func:`chunk_positions`; default
+            256 MiB: 348 positions at Llama-3's 128,256 vocabulary in bfloat16). Fewer, larger chunks read the head
+            fewer times.
         num_items_in_batch: divide the summed loss by this instead of the number of labelled positions (the
             Trainer's gradient-accumulation normalisation).
 
@@ -128,11 +142,13 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     head = inner.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise TypeError(f"model: expected an nn.Linear output head, got {type(head).__name__}")
+    softcap = getattr(inner.config, "final_logit_softcapping", None)
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes: expected a positive number of bytes, got {chunk_bytes!r}")
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_LOGITS // head.out_features)
+        chunk_size = chunk_positions(head.out_features, head.weight.dtype, bool(softcap), chunk_bytes)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
-    softcap = getattr(inner.config, "final_logit_softcapping", None)
     hidden = _final_hidden_states(model, inner, input_ids, attention_mask)
     targets = labels[:, 1:]
     picked = targets != IGNORE_INDEX

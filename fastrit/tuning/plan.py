@@ -8,24 +8,31 @@ Breakdown (bytes, at the peak, which is the backward pass of the lowest trainabl
 
 - ``frozen weights``: NF4 decoder projections (half a byte per value, plus one absmax byte per 64 values and
   the nested statistics with double quantization), or dense ones; norms; embeddings and output head in ``dtype``;
-- ``trainable weights``, ``gradients`` (the trainable parameters' dtype, as the Trainer keeps them);
+- ``trainable weights``, ``gradients``: in float32 when the model computes in bfloat16/float16 and
+  ``master_weights`` (prepare's default: float32 master weights), else in ``dtype``;
 - ``optimizer states``: bitsandbytes 8-bit AdamW: two uint8 states per value plus two float32 absmax per 256
-  values (tensors under 4,096 values keep float32 states); torch AdamW: two states in the parameters' dtype;
+  values (tensors under 4,096 values keep float32 states); torch AdamW: two states in the trainable weights' dtype;
 - ``saved activations``: with gradient checkpointing, each decoder layer from the lowest trainable one up keeps
   its input (``B x T x H``), and one layer's attention and MLP intermediates exist at a time (a layer recomputed
   in backward, or the last layer, which is not checkpointed, during the loss); with ``train="neurons"`` the lowest
   target layer is not checkpointed either and keeps the chosen neurons' gate, up and activation too; without
   checkpointing, every such layer keeps its intermediates;
-- ``logits and loss``: fastrit.tuning.causal_lm_loss: one chunk of float32 logits (its softmax and gradient are
-  formed in place; in 16-bit dtypes one more chunk in that dtype), and the hidden-state gradient of the labelled
-  positions (``loss="model"``: the whole logits, as the model's own loss);
-- ``workspace``: the largest frozen projection dequantized once (forward and backward dequantize one at a time);
+- ``logits and loss``: fastrit.tuning.causal_lm_loss: one chunk of positions sized by ``loss_chunk_bytes``
+  (float32 logits, whose softmax and gradient are formed in place; in 16-bit dtypes one more chunk in that dtype),
+  and the hidden-state gradient of the labelled positions (``loss="model"``: the whole logits, as the model's own loss);
+- ``weight copies``: weights in the compute dtype that autograd keeps from a layer's forward (or its recompute)
+  to its backward: the NF4 projections' dequantized weights (each is dequantized once and its backward reuses it,
+  fastrit.nn.NF4Linear) and the master weights cast to ``dtype``, in every layer above the lowest trainable one
+  whose input needs a gradient (in the lowest, only what trains and, with LoRA, the output projection). With
+  checkpointing a checkpointed layer holds them from its recompute to its backward, one layer at a time; the
+  layers that are not checkpointed hold theirs through the step. At least the largest NF4 projection (dequantized
+  in the forward pass);
 - ``optimizer workspace``: what the optimizer step allocates while it runs. torch's AdamW (foreach) takes the
   square root of every second moment at once (the trainable parameters' size again); bitsandbytes' 8-bit AdamW
   updates in place on CUDA, while its CPU implementation dequantizes one tensor's two states to float32 and forms
   the update in float32: five float32 copies of the largest trainable tensor (six for 16-bit parameters).
 
-The weights, gradients and optimizer states persist through the step; the activations, logits and workspace exist
+The weights, gradients and optimizer states persist through the step; the activations, logits and weight copies exist
 during forward and backward, the optimizer workspace during the optimizer step only. ``peak_bytes`` is the
 persistent part plus the larger of the two.
 
@@ -41,8 +48,10 @@ import math
 import torch
 from torch import nn
 
+from ..arch import decoder_layers
 from ..memory import BUILT_IN_CONFIGS, DTYPES, GIB, MemoryPlan, meta_model, resolve_config
-from .loss import CHUNK_LOGITS
+from ..nn.mlp_layout import mlp_layout
+from .loss import LOSS_CHUNK_BYTES, chunk_positions
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, checkpointed_layers, prepare
 
 __all__ = ["BUILT_IN_CONFIGS", "GIB", "PERSISTENT_PARTS", "STEP_PARTS", "MemoryPlan", "plan_memory"]
@@ -50,7 +59,7 @@ __all__ = ["BUILT_IN_CONFIGS", "GIB", "PERSISTENT_PARTS", "STEP_PARTS", "MemoryP
 OPTIMIZERS = ("adamw8bit", "adamw")
 #: the breakdown's parts that persist through a step, and those that exist during forward and backward only
 PERSISTENT_PARTS = ("frozen weights", "trainable weights", "gradients", "optimizer states")
-STEP_PARTS = ("saved activations", "logits and loss", "workspace")
+STEP_PARTS = ("saved activations", "logits and loss", "weight copies")
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes keeps float32 optimizer states for smaller tensors
 BNB_STATE_BLOCK = 256
 
@@ -82,8 +91,10 @@ def plan_memory(
     optimizer: str = "adamw8bit",
     gradient_checkpointing: bool = True,
     dtype: str = "bfloat16",
+    master_weights: bool = True,
     lora_r: int = 8,
     loss: str = "chunked",
+    loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
     device: str = "cuda",
 ) -> MemoryPlan:
     """The memory one training step of a prepared model takes (see the module docstring).
@@ -92,9 +103,11 @@ def plan_memory(
         config: a transformers config, or "llama-3-8b", "mistral-7b", "qwen2-7b", "gemma-2-9b".
         train_layers: the target layers, or their number (placed lowest: an upper bound).
         neurons: ``train="neurons"``: trainable neurons per target layer.
+        master_weights: train float32 master weights of a bfloat16/float16 model (fastrit.prepare's default).
         lora_r: ``train="lora"``: the adapters' rank.
         loss: "chunked" (fastrit.tuning.causal_lm_loss, what NeuroRITTrainer uses) or "model" (the model's own
             loss: the whole ``[B, T, V]`` float32 logits, their log-softmax and their gradient).
+        loss_chunk_bytes: the chunked loss's memory budget per chunk (causal_lm_loss's ``chunk_bytes``).
         device: "cuda" or "cpu": where the step runs (bitsandbytes' 8-bit AdamW needs a float32 workspace on CPU).
     """
     config = resolve_config(config)
@@ -107,6 +120,8 @@ def plan_memory(
         raise ValueError(f"quantize_frozen: expected one of {QUANTIZE_MODES}, got {quantize_frozen!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+    if isinstance(loss_chunk_bytes, bool) or not isinstance(loss_chunk_bytes, int) or loss_chunk_bytes < 1:
+        raise ValueError(f"loss_chunk_bytes: expected a positive number of bytes, got {loss_chunk_bytes!r}")
     if loss not in ("chunked", "model"):
         raise ValueError(f"loss: expected 'chunked' or 'model', got {loss!r}")
     if dtype not in DTYPES:
@@ -126,7 +141,7 @@ def plan_memory(
     size = torch.empty((), dtype=torch_dtype).element_size()
     model = meta_model(config, torch_dtype)
     kwargs = dict(deactivate=None, train_layers=train_layers, train=train, quantize_frozen=None,
-                  gradient_checkpointing=False)
+                  gradient_checkpointing=False, master_weights=master_weights)
     if train == "neurons":
         kwargs["neurons"] = {layer: list(range(neurons)) for layer in train_layers}
     if train == "lora":
@@ -137,17 +152,15 @@ def plan_memory(
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     trainable_params = sum(p.numel() for p in trainable)
+    master = 4 if master_weights and size < 4 else size  # bytes per trainable value
     frozen = 0
-    largest_projection = 0
     head = model.get_output_embeddings()
     for module in model.modules():
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if getattr(tensor, "requires_grad", False) or tensor is None:
                 continue
-            dense_linear = isinstance(module, nn.Linear) and name == "weight" and module is not head
-            if dense_linear and quantize_frozen == "nf4":
+            if _is_projection(module, name, head) and quantize_frozen == "nf4":
                 frozen += _nf4_bytes(tensor.numel())
-                largest_projection = max(largest_projection, tensor.numel())
             else:
                 frozen += tensor.numel() * tensor.element_size()
     if head is not None and head.weight is model.get_input_embeddings().weight:
@@ -167,30 +180,62 @@ def plan_memory(
     else:
         saved = backward_layers * per_layer
     vocab = config.vocab_size
-    chunk = max(1, CHUNK_LOGITS // vocab)
-    if loss == "chunked":  # one chunk's float32 logits (softmax and gradient formed in place), in bf16/fp16 also
-        # the head's output before the cast and the gradient cast back for the matmul; the hidden-state gradient
-        logits = min(chunk, tokens) * vocab * (4 + (size if size != 4 else 0)) + tokens * hidden * size
+    softcap = bool(getattr(config, "final_logit_softcapping", None))
+    if loss == "chunked":  # one chunk (fastrit.tuning.loss.chunk_positions) and the hidden-state gradient
+        chunk = min(chunk_positions(vocab, torch_dtype, softcap, loss_chunk_bytes), tokens)
+        logits = chunk * vocab * (4 + (size if size != 4 else 0) + (4 if softcap else 0)) + tokens * hidden * size
     else:
         logits = 3 * tokens * vocab * 4 + (tokens * vocab * size if size != 4 else 0)
     breakdown = {
         "frozen weights": frozen,
-        "trainable weights": trainable_params * size,
-        "gradients": trainable_params * size,
-        "optimizer states": sum(_optimizer_bytes(p, optimizer, size) for p in trainable),
+        "trainable weights": trainable_params * master,
+        "gradients": trainable_params * master,
+        "optimizer states": sum(_optimizer_bytes(p, optimizer, master) for p in trainable),
         "saved activations": saved,
         "logits and loss": logits,
-        "workspace": largest_projection * size,
-        "optimizer workspace": _optimizer_workspace(trainable, optimizer, size, device),
+        "weight copies": _weight_copies(model, head, train, train_layers, quantize_frozen == "nf4",
+                                        gradient_checkpointing, size, master != size),
+        "optimizer workspace": _optimizer_workspace(trainable, optimizer, master, device),
     }
     persistent = sum(breakdown[k] for k in PERSISTENT_PARTS)
     backward = sum(breakdown[k] for k in STEP_PARTS)
     settings = dict(seq_len=seq_len, batch_size=batch_size, train=train, train_layers=train_layers, neurons=neurons,
                     quantize_frozen=quantize_frozen, optimizer=optimizer,
-                    gradient_checkpointing=gradient_checkpointing, dtype=dtype, loss=loss, device=device,
+                    gradient_checkpointing=gradient_checkpointing, dtype=dtype, master_weights=master_weights,
+                    loss=loss, device=device,
                     model_type=config.model_type)
     return MemoryPlan(persistent + max(backward, breakdown["optimizer workspace"]), trainable_params, breakdown,
                       settings)
+
+
+def _is_projection(module: nn.Module, name: str, head: nn.Module | None) -> bool:
+    """Whether ``name`` of ``module`` is a frozen decoder projection's weight (what NF4 stores)."""
+    return isinstance(module, nn.Linear) and name == "weight" and module is not head
+
+
+def _weight_copies(model: nn.Module, head: nn.Module | None, train: str, train_layers: list[int], nf4: bool,
+                   checkpointing: bool, size: int, cast: bool) -> int:
+    """Bytes of the ``weight copies`` part (see the module docstring)."""
+    layers = decoder_layers(model)
+    lora_output = f"mlp.{mlp_layout(model).output}.base_layer"
+    lowest = min(train_layers)
+    held, largest = [], 0
+    for index, layer in enumerate(layers):
+        total = 0
+        for module_name, module in layer.named_modules():
+            for name, tensor in module.named_parameters(recurse=False):
+                if tensor.requires_grad:  # LoRA's float32 adapters take a float32 input instead (PEFT)
+                    total += tensor.numel() * size if cast and train != "lora" else 0
+                elif nf4 and _is_projection(module, name, head):
+                    largest = max(largest, tensor.numel() * size)
+                    # in the lowest target layer nothing frozen below the trainable tensors needs a gradient; with
+                    # LoRA the output projection's input does (it comes out of the adapted input projections)
+                    if index > lowest or (train == "lora" and module_name == lora_output):
+                        total += tensor.numel() * size
+        held.append(total if index >= lowest else 0)
+    checkpointed = checkpointed_layers(len(layers), train_layers, train) if checkpointing else set()
+    kept = sum(b for i, b in enumerate(held) if i not in checkpointed)
+    return max(largest, kept + max((held[i] for i in checkpointed), default=0))
 
 
 def _optimizer_workspace(trainable: list[nn.Parameter], optimizer: str, dtype_bytes: int, device: str) -> int:

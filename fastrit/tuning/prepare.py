@@ -155,7 +155,8 @@ def prepare(
     neurons: str | Mapping[int, object] = "relevant_exclusive",
     quantize_frozen: str | None = "auto",
     lora_config=None,
-    gradient_checkpointing: bool = True,
+    gradient_checkpointing: bool | str = "auto",
+    master_weights: bool = True,
     memory_budget: int | None = None,
     planned_batch: tuple[int, int] = PLANNED_BATCH,
     check_prompts=None,
@@ -170,13 +171,19 @@ def prepare(
         train_layers: the target layers (default: ``neuron_sets.target_layers``).
         train: "mlp", "neurons" or "lora".
         neurons: ``train="neurons"``: a set name or ``{layer: indices}`` (restricted to the target layers).
-        quantize_frozen: "nf4" (frozen decoder linear layers in NF4), None (kept in their dtype), or "auto": None
-            when one training step of ``planned_batch`` fits ``memory_budget`` (bytes; default: what the model holds
-            plus the device's available memory) unquantized by :func:`fastrit.plan_memory`, else "nf4"; the choice
-            and why are in ``Preparation.settings`` ("quantize_frozen", "quantize_reason") and logged.
+        quantize_frozen: "nf4" (frozen decoder linear layers in NF4), None (kept in their dtype), or "auto":
+            chosen with ``gradient_checkpointing`` from the memory there is (fastrit.tuning.auto.choose_settings:
+            the first of dense without checkpointing, dense with it, NF4 without, NF4 with, whose training step of
+            ``planned_batch`` fits ``memory_budget`` by :func:`fastrit.plan_memory`; default budget: what the model
+            holds plus the device's available memory, x0.9); the choice and why are in ``Preparation.settings``
+            ("quantize_frozen", "gradient_checkpointing", "quantize_reason") and logged.
         lora_config: ``train="lora"``: a ``peft.LoraConfig`` (default: r=8, alpha=16 on the MLP projections);
             its target modules and ``layers_to_transform`` are set to the target layers' MLPs.
-        gradient_checkpointing: enable (non-reentrant) gradient checkpointing on the decoder layers.
+        gradient_checkpointing: True / False: (non-reentrant) gradient checkpointing on the decoder layers or not;
+            "auto": chosen from the memory, as ``quantize_frozen="auto"`` (an explicit value of the other is kept).
+        master_weights: keep the trainable tensors of a bfloat16/float16 model in float32 (the forward pass casts
+            them to the model's dtype), so that updates smaller than a 16-bit rounding step are not lost; the
+            optimizer then holds float32 states. False: in the model's dtype.
         planned_batch: ``(batch size, sequence length)`` of training, for ``quantize_frozen="auto"``.
         check_prompts: a few prompts (a batch dict with ``input_ids`` / ``attention_mask``, or token id lists) on
             which the effect of deactivation and quantization is measured (see the module docstring).
@@ -196,6 +203,10 @@ def prepare(
         raise ValueError(f"train: expected one of {TRAIN_MODES}, got {train!r}")
     if quantize_frozen not in QUANTIZE_CHOICES:
         raise ValueError(f"quantize_frozen: expected one of {QUANTIZE_CHOICES}, got {quantize_frozen!r}")
+    if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing == "auto"):
+        raise ValueError(f"gradient_checkpointing: expected True, False or 'auto', got {gradient_checkpointing!r}")
+    if not isinstance(master_weights, bool):
+        raise TypeError(f"master_weights: expected True or False, got {master_weights!r}")
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget < 1):
         raise ValueError(f"memory_budget: expected None or a positive number of bytes, got {memory_budget!r}")
@@ -254,15 +265,18 @@ def prepare(
     if skeleton is not None:
         _modify(skeleton, **plan, quantize=False)
     quantize_reason = "as asked"
-    if quantize_frozen == "auto":
-        quantize_frozen, quantize_reason = _choose_quantization(model, train, train_layers, trainable,
-                                                                gradient_checkpointing, memory_budget, planned_batch)
-        logger.info("fastrit.prepare: frozen layers %s", quantize_reason)
+    if "auto" in (quantize_frozen, gradient_checkpointing):
+        quantize_frozen, gradient_checkpointing, quantize_reason = _choose_settings(
+            model, train, train_layers, trainable, quantize_frozen, gradient_checkpointing, master_weights,
+            memory_budget, planned_batch)
+        logger.info("fastrit.prepare: %s", quantize_reason)
     deactivated_only = None
     if check is not None:
         with zeroed_neurons(model, deactivated):
             deactivated_only = next_token_logprobs(model, check) if deactivated else before
     applied_lora = _modify(model, **plan, quantize=quantize_frozen == "nf4")
+    if master_weights:
+        keep_master_weights(model)
     if getattr(model, "hf_quantizer", None) is not None and not any(is_bnb_4bit(m) for m in model.modules()):
         # every bitsandbytes layer is an NF4Linear now: nothing is left for transformers' quantizer to manage
         # (a Trainer would refuse the model as "purely quantized"); transformers' own way of saying so
@@ -274,7 +288,7 @@ def prepare(
                 "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
                 "quantize_frozen": quantize_frozen, "quantize_reason": quantize_reason,
                 "deactivation_limit": deactivation_limit,
-                "gradient_checkpointing": gradient_checkpointing}
+                "gradient_checkpointing": gradient_checkpointing, "master_weights": master_weights}
     preparation = Preparation(deactivated, trainable if train != "lora" else {}, train_layers, settings,
                               applied_lora)
     setattr(model, PREPARATION_ATTR, preparation)  # the model is prepared: recorded before anything else can fail
@@ -287,16 +301,30 @@ def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def _choose_quantization(model, train, train_layers, trainable, gradient_checkpointing, memory_budget,
-                         planned_batch) -> tuple[str | None, str]:
-    if any(is_bnb_4bit(m) for m in model.modules()):
-        return None, "already 4-bit (bitsandbytes layers adopted as they are)"
-    from .auto import choose_quantization
+def _choose_settings(model, train, train_layers, trainable, quantize_frozen, gradient_checkpointing,
+                     master_weights, memory_budget, planned_batch) -> tuple[str | None, bool, str]:
+    """``(quantize_frozen, gradient_checkpointing, why)`` with each "auto" chosen (fastrit.tuning.auto)."""
+    from .auto import choose_for_model
 
+    four_bit = any(is_bnb_4bit(m) or isinstance(m, NF4Linear) for m in model.modules())
     neurons = max(1, max((len(v) for v in trainable.values()), default=1)) if train == "neurons" else None
-    return choose_quantization(model, train=train, train_layers=train_layers, neurons=neurons,
-                               gradient_checkpointing=gradient_checkpointing, memory_budget=memory_budget,
-                               planned_batch=tuple(planned_batch))
+    quantize, checkpointing, why = choose_for_model(
+        model, train=train, train_layers=train_layers, neurons=neurons,
+        quantize_frozen="nf4" if four_bit else quantize_frozen,  # planned as it is stored
+        gradient_checkpointing=gradient_checkpointing, master_weights=master_weights, memory_budget=memory_budget,
+        planned_batch=tuple(planned_batch))
+    if four_bit:  # its 4-bit layers are adopted as they are; the decoder layers it keeps dense stay dense
+        return None, checkpointing, "frozen layers already 4-bit (adopted as they are); " + why
+    return quantize, checkpointing, why
+
+
+def keep_master_weights(model: nn.Module) -> None:
+    """Every trainable bfloat16/float16 parameter of ``model`` stored in float32 from now on (the same Parameter
+    objects: their ``data`` is replaced). NeuronMLP casts them back to the input's dtype in its forward pass, PEFT's
+    LoRA layers run float32 adapters on an input cast to float32 (PEFT's own ``autocast_adapter_dtype``)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            param.data = param.data.float()
 
 
 def _measure_effect(model, check, before, deactivated_only, deactivated, quantize_frozen) -> dict:

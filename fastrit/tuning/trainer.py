@@ -33,7 +33,7 @@ from ..data.turns import resolve_template
 from ..mining import NeuronSets
 from .delta import save_delta
 from .effect import ModelChange
-from .loss import causal_lm_loss
+from .loss import LOSS_CHUNK_BYTES, causal_lm_loss
 from .metrics import answer_loss, answer_loss_after_evidence, answer_loss_over_own_evidence
 from .prepare import PREPARATION_ATTR, prepare, prepare_on_meta
 from .stages import STAGES, collate, stage_data
@@ -56,7 +56,7 @@ class NeuroRITTrainer(transformers.Trainer):
     """A transformers Trainer for a model prepared by :func:`fastrit.prepare` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, args: transformers.TrainingArguments, *, loss_chunk_size: int | None = None,
-                 **kwargs) -> None:
+                 loss_chunk_bytes: int = LOSS_CHUNK_BYTES, **kwargs) -> None:
         if getattr(model, PREPARATION_ATTR, None) is None:
             raise ValueError("model: prepare it with fastrit.prepare first (NeuroRITTrainer trains prepared models)")
         if args.gradient_checkpointing:
@@ -66,13 +66,14 @@ class NeuroRITTrainer(transformers.Trainer):
             pad = getattr(kwargs.get("processing_class"), "pad_token_id", None)
             kwargs["data_collator"] = partial(collate, pad_token_id=pad if pad is not None else 0)
         super().__init__(model=model, args=args, **kwargs)
-        self.loss_chunk_size = loss_chunk_size
+        self.loss_chunk_size, self.loss_chunk_bytes = loss_chunk_size, loss_chunk_bytes
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("return_outputs: NeuroRITTrainer computes the loss without the logits")
         return causal_lm_loss(model, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                              chunk_size=self.loss_chunk_size, num_items_in_batch=num_items_in_batch)
+                              chunk_size=self.loss_chunk_size, chunk_bytes=self.loss_chunk_bytes,
+                              num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
@@ -136,15 +137,17 @@ def _prepare_defaults(prepare_kwargs: dict, examples: dict, batch_size) -> dict:
 
 
 def _as_prepared_before(prepare_kwargs: dict, prepared: dict | None) -> dict:
-    """On resume, prepare's choices that depend on the machine or the model's outputs (``quantize_frozen="auto"``,
-    the deactivated prefix the tolerance allowed) made as the interrupted run made them (``prepared``, from its
-    fastrit_run.json), so that the resumed stages train the same tensors on the same model; as given otherwise.
-    The resumed Preparation then says ``deactivate="explicit"``."""
+    """On resume, prepare's choices that depend on the machine or the model's outputs (the "auto" settings
+    ``quantize_frozen`` and ``gradient_checkpointing``, the deactivated prefix the tolerance allowed) made as the
+    interrupted run made them (``prepared``, from its fastrit_run.json), so that the resumed stages train the same
+    tensors on the same model; as given otherwise. The resumed Preparation then says ``deactivate="explicit"``."""
     if not prepared:
         return prepare_kwargs
     out = dict(prepare_kwargs)
     if out.get("quantize_frozen", "auto") == "auto":
         out["quantize_frozen"] = prepared["quantize_frozen"]
+    if out.get("gradient_checkpointing", "auto") == "auto" and "gradient_checkpointing" in prepared:
+        out["gradient_checkpointing"] = prepared["gradient_checkpointing"]
     if isinstance(out.get("deactivate", "irrelevant_exclusive"), str):
         out["deactivate"] = {int(layer): idx for layer, idx in prepared["deactivated"].items()}
     return out
@@ -176,6 +179,7 @@ def tune(
     template: str | None = None,
     max_length: int | None = None,
     loss_chunk_size: int | None = None,
+    loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
     progress: bool = True,
     callbacks: Sequence[transformers.TrainerCallback] | None = None,
     eval_data: RagData | None = None,
@@ -198,7 +202,8 @@ def tune(
         optimizer: "adamw8bit" (bitsandbytes 8-bit AdamW, paged on CUDA) or "adamw" (torch).
         save_steps / logging_steps: the Trainer's checkpoint and logging intervals, in optimizer steps.
         k, template, max_length: prompt construction (fastrit.data.prompts).
-        loss_chunk_size: positions per pass through the output head (fastrit.tuning.causal_lm_loss).
+        loss_chunk_size / loss_chunk_bytes: positions per pass through the output head, or the memory budget of
+            one pass that sets them (fastrit.tuning.causal_lm_loss's ``chunk_size`` / ``chunk_bytes``).
         callbacks: transformers TrainerCallbacks for every stage's Trainer.
         eval_data: held-out records: the answer loss on their noisy-context prompts, mean per answer token, is
             measured before training (on the model as given, before prepare deactivates neurons and quantizes) and
@@ -289,12 +294,13 @@ def tune(
     if unprepared:
         prepare(model, neuron_sets, **prepare_kwargs)
         preparation = getattr(model, PREPARATION_ATTR)
-        logger.warning(f"fastrit.tune: frozen layers {preparation.settings['quantize_reason']}")
+        logger.warning(f"fastrit.tune: {preparation.settings['quantize_reason']}")
         for name, change in preparation.effect.items():
             logger.warning(f"fastrit.tune: the untrained model after {name}: " + str(ModelChange(**change)))
     output_dir.mkdir(parents=True, exist_ok=True)
     preparation = getattr(model, PREPARATION_ATTR)
     prepared = {"quantize_frozen": preparation.settings.get("quantize_frozen"),
+                "gradient_checkpointing": preparation.settings.get("gradient_checkpointing"),
                 "deactivated": {str(layer): idx.tolist() for layer, idx in preparation.deactivated.items()}}
     write_text_atomic(run_file, json.dumps({"fingerprint": _fingerprint(settings), "settings": settings,
                                             "prepared": prepared}, indent=1, default=str))
@@ -320,7 +326,8 @@ def tune(
             use_cpu=not cuda, remove_unused_columns=False,
         )
         trainer = NeuroRITTrainer(model, args, train_dataset=examples[stage].dataset, processing_class=tokenizer,
-                                  loss_chunk_size=loss_chunk_size, callbacks=list(callbacks or []))
+                                  loss_chunk_size=loss_chunk_size, loss_chunk_bytes=loss_chunk_bytes,
+                                  callbacks=list(callbacks or []))
         last = transformers.trainer_utils.get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
         trainer.train(resume_from_checkpoint=last)
         save_delta(model, done)

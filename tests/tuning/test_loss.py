@@ -76,3 +76,30 @@ def test_the_head_sees_one_chunk_of_labelled_positions_at_a_time(monkeypatch):
     causal_lm_loss(model, ids, labels, mask, chunk_size=4).backward()
     labelled = int((labels[:, 1:] != -100).sum())
     assert max(rows) <= 4 and sum(rows) == labelled  # once each: nothing is recomputed in backward
+
+
+@pytest.mark.parametrize("dtype, softcap", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_the_default_chunk_is_sized_by_its_memory_budget(monkeypatch, dtype, softcap):
+    """Without chunk_size, a chunk holds as many positions as fit chunk_bytes at the chunk's bytes per position
+    (float32 logits, plus the 16-bit head output and gradient, plus the soft-cap derivative)."""
+    from fastrit.tuning import loss as loss_module
+
+    model = build_tiny_model("gemma2" if softcap else "llama").to(dtype)
+    ids, labels, mask = _batch()
+    head = model.get_output_embeddings().weight
+    per_position = VOCAB * (4 + (2 if dtype == torch.bfloat16 else 0) + (4 if softcap else 0))
+    assert loss_module.chunk_positions(VOCAB, dtype, softcap, 3 * per_position + per_position - 1) == 3
+    rows, linear = [], torch.nn.functional.linear
+
+    def recording_linear(x, weight, bias=None):
+        if weight is head:
+            rows.append(x.shape[:-1].numel())
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(loss_module.F, "linear", recording_linear)
+    budgeted = causal_lm_loss(model, ids, labels, mask, chunk_bytes=3 * per_position)
+    assert max(rows) == 3
+    monkeypatch.setattr(loss_module.F, "linear", linear)
+    assert torch.equal(budgeted, causal_lm_loss(model, ids, labels, mask, chunk_size=3))
+    with pytest.raises(ValueError, match="^chunk_bytes"):
+        causal_lm_loss(model, ids, labels, chunk_bytes=0)

@@ -20,7 +20,7 @@ def test_trainable_params_are_those_prepare_creates(family, train):
     assert plan.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     parts = plan.breakdown
     persistent = parts["frozen weights"] + parts["trainable weights"] + parts["gradients"] + parts["optimizer states"]
-    step = parts["saved activations"] + parts["logits and loss"] + parts["workspace"]
+    step = parts["saved activations"] + parts["logits and loss"] + parts["weight copies"]
     assert plan.peak_bytes == persistent + max(step, parts["optimizer workspace"]) > 0
 
 

@@ -11,7 +11,7 @@ import torch
 
 import fastrit
 from fastrit.nn import NF4Linear
-from fastrit.tuning.auto import FIT_MARGIN, choose_quantization
+from fastrit.tuning.auto import CANDIDATES, FIT_MARGIN, choose_for_model
 from fastrit.tuning.effect import compare
 from tests.tiny_models import VOCAB, build_tiny_model
 from tests.tuning.test_prepare import _reference_logits
@@ -24,16 +24,17 @@ def _prompts(seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, VOCAB, (n,), generator=gen).tolist() for n in (9, 6, 4)]
 
 
-def _unquantized_peak(model) -> int:
+def _peak(model, quantize=None, checkpointing=False) -> int:
     plan = fastrit.plan_memory(model.config, seq_len=64, batch_size=2, train="mlp", train_layers=[1, 2],
-                               quantize_frozen=None, gradient_checkpointing=False, dtype="float32", device="cpu")
+                               quantize_frozen=quantize, gradient_checkpointing=checkpointing, dtype="float32",
+                               device="cpu")
     return plan.peak_bytes
 
 
 @pytest.mark.parametrize("slack, expected", [(0, None), (-1, "nf4")])
 def test_auto_quantizes_exactly_when_the_unquantized_step_does_not_fit(slack, expected):
     model = build_tiny_model("llama")
-    budget = _unquantized_peak(model) + slack
+    budget = _peak(model) + slack
     prepared = fastrit.prepare(model, deactivate=DEACTIVATE, train_layers=[1, 2], gradient_checkpointing=False,
                                memory_budget=budget, planned_batch=(2, 64))
     settings = prepared.fastrit_preparation.settings
@@ -42,13 +43,43 @@ def test_auto_quantizes_exactly_when_the_unquantized_step_does_not_fit(slack, ex
     assert ("NF4" in settings["quantize_reason"]) == (expected == "nf4")
 
 
+@pytest.mark.parametrize("fits", range(len(CANDIDATES)))
+def test_auto_takes_the_first_setting_that_fits_in_order(fits):
+    """With a budget of exactly one candidate's planned peak, both "auto" settings become the first candidate
+    (dense then NF4, each without then with checkpointing) whose plan is within it; the reason lists the plans."""
+    model = build_tiny_model("llama")
+    peaks = [_peak(model, q, c) for q, c in CANDIDATES]
+    budget = peaks[fits]
+    want = next(candidate for candidate, peak in zip(CANDIDATES, peaks, strict=True) if peak <= budget)
+    prepared = fastrit.prepare(model, deactivate=DEACTIVATE, train_layers=[1, 2], memory_budget=budget,
+                               planned_batch=(2, 64))
+    settings = prepared.fastrit_preparation.settings
+    assert (settings["quantize_frozen"], settings["gradient_checkpointing"]) == want
+    assert model.is_gradient_checkpointing == want[1]
+    assert any(isinstance(m, NF4Linear) for m in prepared.modules()) == (want[0] == "nf4")
+    assert "fits memory_budget" in settings["quantize_reason"]
+
+
+def test_auto_with_no_setting_that_fits_takes_the_least_memory_and_says_so():
+    model = build_tiny_model("llama")
+    prepared = fastrit.prepare(model, deactivate=DEACTIVATE, train_layers=[1, 2], memory_budget=1,
+                               planned_batch=(2, 64))
+    settings = prepared.fastrit_preparation.settings
+    least = min(CANDIDATES, key=lambda c: _peak(model, *c))
+    assert (settings["quantize_frozen"], settings["gradient_checkpointing"]) == least
+    assert "no setting fits" in settings["quantize_reason"]
+
+
 def test_auto_on_the_device_keeps_the_dtype_of_a_model_that_fits():
     model = build_tiny_model("llama")
-    choice, why = choose_quantization(model, train="mlp", train_layers=[1], neurons=None,
-                                      gradient_checkpointing=True, memory_budget=None, planned_batch=(8, 512))
-    assert choice is None and "cpu memory available" in why and f"x{FIT_MARGIN}" in why
+    quantize, checkpointing, why = choose_for_model(
+        model, train="mlp", train_layers=[1], neurons=None, quantize_frozen="auto", gradient_checkpointing="auto",
+        master_weights=True, memory_budget=None, planned_batch=(8, 512))
+    assert (quantize, checkpointing) == (None, False)
+    assert "cpu memory available" in why and f"x{FIT_MARGIN}" in why
     prepared = fastrit.prepare(model, deactivate=None, train_layers=[1])
     assert not any(isinstance(m, NF4Linear) for m in prepared.modules())
+    assert prepared.fastrit_preparation.settings["gradient_checkpointing"] is False
 
 
 def test_explicit_settings_win_over_auto():
@@ -197,10 +228,13 @@ def test_deactivation_without_a_tolerance_or_prompts_takes_the_whole_set():
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neox", "phi3", "gemma2", "qwen2"])
 def test_auto_works_on_every_family(family):
-    prepared = fastrit.prepare(build_tiny_model(family), deactivate=None, train_layers=[1],
+    model = build_tiny_model(family)
+    model_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    prepared = fastrit.prepare(model, deactivate=None, train_layers=[1],
                                gradient_checkpointing=False)
     settings = prepared.fastrit_preparation.settings
-    assert settings["quantize_frozen"] in (None, "nf4") and settings["quantize_reason"].startswith(("kept", "NF4"))
+    assert settings["quantize_frozen"] in (None, "nf4")
+    assert settings["quantize_reason"].startswith((f"{model_dtype} frozen layers", "NF4 frozen layers"))
 
 
 def test_a_warning_raised_as_an_error_leaves_the_model_recorded_as_prepared():

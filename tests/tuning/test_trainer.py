@@ -150,7 +150,7 @@ def test_a_resumed_run_makes_prepares_choices_as_the_interrupted_run_made_them(t
     with pytest.raises(KeyboardInterrupt):
         _tune(tmp_path / "cut", callbacks=[_Interrupt("1-denoise", 2)], **auto)
     prepared = json.loads((tmp_path / "cut" / "fastrit_run.json").read_text())["prepared"]
-    assert prepared["quantize_frozen"] is None
+    assert prepared["quantize_frozen"] is None and prepared["gradient_checkpointing"] is False
     assert prepared["deactivated"] == {str(layer): v.tolist()
                                        for layer, v in whole.fastrit_preparation.deactivated.items()}
     assert prepared["deactivated"], "the tolerance kept no neuron: the test would not see the deactivation pinned"
@@ -158,10 +158,10 @@ def test_a_resumed_run_makes_prepares_choices_as_the_interrupted_run_made_them(t
     def choose_again(*args, **kwargs):
         raise AssertionError("prepare chose again on resume")
 
-    monkeypatch.setattr("fastrit.tuning.auto.choose_quantization", lambda *a, **k: ("nf4", "pretend: no memory"))
+    monkeypatch.setattr("fastrit.tuning.auto.choose_for_model", lambda *a, **k: ("nf4", True, "pretend: no memory"))
     monkeypatch.setattr(sys.modules["fastrit.tuning.prepare"], "limit_deactivation", choose_again)
     resumed, _ = _tune(tmp_path / "cut", **auto)
-    assert not any(isinstance(m, NF4Linear) for m in resumed.modules())
+    assert not any(isinstance(m, NF4Linear) for m in resumed.modules()) and not resumed.is_gradient_checkpointing
     assert {str(layer): v.tolist() for layer, v in resumed.fastrit_preparation.deactivated.items()} \
         == prepared["deactivated"]
     for name, param in whole.named_parameters():
