@@ -80,7 +80,10 @@ def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         for name in module.active_adapters:
             if name in getattr(module, "lora_A", {}):
                 delta = module.get_delta_weight(name).detach()  # [in, out] when fan_in_fan_out (Conv1D bases)
-                weight = weight + (delta.t() if getattr(module, "fan_in_fan_out", False) else delta).to(weight.dtype)
+                delta = delta.t() if getattr(module, "fan_in_fan_out", False) else delta
+                # summed in the wider dtype, rounded once (float32 adapters of a bf16 model: master weights)
+                wide = torch.promote_types(weight.dtype, delta.dtype)
+                weight = (weight.to(wide) + delta.to(wide)).to(weight.dtype)
         return weight, bias
     if is_bnb_4bit(module):
         module = NF4Linear.from_bnb(module)

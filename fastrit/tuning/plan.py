@@ -23,10 +23,11 @@ Breakdown (bytes, at the peak, which is the backward pass of the lowest trainabl
 - ``weight copies``: weights in the compute dtype that autograd keeps from a layer's forward (or its recompute)
   to its backward: the NF4 projections' dequantized weights (each is dequantized once and its backward reuses it,
   fastrit.nn.NF4Linear) and the master weights cast to ``dtype``, in every layer above the lowest trainable one
-  whose input needs a gradient (in the lowest, only what trains and, with LoRA, the output projection). With
-  checkpointing a checkpointed layer holds them from its recompute to its backward, one layer at a time; the
-  layers that are not checkpointed hold theirs through the step. At least the largest NF4 projection (dequantized
-  in the forward pass);
+  whose input needs a gradient (in the lowest, only what trains and, with LoRA, the output projection). A layer
+  that is not checkpointed holds them from its forward to its backward, a checkpointed one from its recompute to
+  its backward: the peak is the larger of what the layers that are not checkpointed hold at the loss and what a
+  checkpointed layer holds with those below it. At least the largest NF4 projection (dequantized in the forward
+  pass);
 - ``optimizer workspace``: what the optimizer step allocates while it runs. torch's AdamW (foreach) takes the
   square root of every second moment at once (the trainable parameters' size again); bitsandbytes' 8-bit AdamW
   updates in place on CUDA, while its CPU implementation dequantizes one tensor's two states to float32 and forms
@@ -234,8 +235,11 @@ def _weight_copies(model: nn.Module, head: nn.Module | None, train: str, train_l
                         total += tensor.numel() * size
         held.append(total if index >= lowest else 0)
     checkpointed = checkpointed_layers(len(layers), train_layers, train) if checkpointing else set()
-    kept = sum(b for i, b in enumerate(held) if i not in checkpointed)
-    return max(largest, kept + max((held[i] for i in checkpointed), default=0))
+    # at the loss every layer that is not checkpointed holds its copies; a checkpointed layer holds its own from its
+    # recompute to its backward, when the layers above it (their backward ran already) have freed theirs
+    at_loss = sum(b for i, b in enumerate(held) if i not in checkpointed)
+    during = [held[i] + sum(b for j, b in enumerate(held[:i]) if j not in checkpointed) for i in checkpointed]
+    return max(largest, at_loss, *during)
 
 
 def _optimizer_workspace(trainable: list[nn.Parameter], optimizer: str, dtype_bytes: int, device: str) -> int:
