@@ -313,8 +313,10 @@ def _choose_settings(model, train, train_layers, trainable, quantize_frozen, gra
         quantize_frozen="nf4" if four_bit else quantize_frozen,  # planned as it is stored
         gradient_checkpointing=gradient_checkpointing, master_weights=master_weights, memory_budget=memory_budget,
         planned_batch=tuple(planned_batch))
-    if four_bit:  # its 4-bit layers are adopted as they are; the decoder layers it keeps dense stay dense
-        return None, checkpointing, "frozen layers already 4-bit (adopted as they are); " + why
+    if four_bit:  # 4-bit layers are adopted as they are; with "auto", frozen weights that are dense (e.g. a target
+        # layer's frozen neurons) are quantized alike, as planned
+        return ("nf4" if quantize_frozen == "auto" else quantize_frozen), checkpointing, (
+            "the model is 4-bit already (its layers adopted as they are); " + why)
     return quantize, checkpointing, why
 
 

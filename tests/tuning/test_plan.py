@@ -55,3 +55,27 @@ def test_bad_input_names_the_argument():
         with pytest.raises((ValueError, TypeError), match=f"^{argument}"):
             plan_memory(**{"config": "llama-3-8b", **kwargs})
     assert torch.empty(0).device.type == "cpu"  # nothing was left on the meta device by default
+
+
+def test_master_weights_and_weight_copies_are_counted():
+    """bf16 with master weights: trainable weights and gradients in float32 (4 bytes per value), and the weights
+    cast to bf16 kept for backward; without: 2 bytes and no cast copies. NF4 without checkpointing keeps the
+    dequantized weights of every layer above the lowest target layer; with it, one layer's at a time."""
+    settings = dict(seq_len=512, train="mlp", train_layers=[14, 15, 16], dtype="bfloat16")
+    master = plan_memory("llama-3-8b", quantize_frozen=None, gradient_checkpointing=True, **settings)
+    plain = plan_memory("llama-3-8b", quantize_frozen=None, gradient_checkpointing=True, master_weights=False,
+                        **settings)
+    n = master.trainable_params
+    assert master.breakdown["trainable weights"] == master.breakdown["gradients"] == 4 * n
+    assert plain.breakdown["trainable weights"] == plain.breakdown["gradients"] == 2 * n
+    assert plain.breakdown["weight copies"] == 0
+    per_layer_mlp = 3 * 4096 * 14336 * 2  # one target layer's MLP cast to bf16
+    # the last target layer (15 and 16 are checkpointed; 14, the lowest, too with train="mlp") at most one at a time
+    assert master.breakdown["weight copies"] == per_layer_mlp
+    layer = (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336) * 2  # one decoder layer's projections in bf16
+    nf4 = plan_memory("llama-3-8b", quantize_frozen="nf4", gradient_checkpointing=False, master_weights=False,
+                      **settings)
+    assert nf4.breakdown["weight copies"] == 17 * layer - 2 * per_layer_mlp  # layers 15-31, less 15-16's trainable MLPs
+    nf4_checkpointed = plan_memory("llama-3-8b", quantize_frozen="nf4", gradient_checkpointing=True,
+                                   master_weights=False, **settings)
+    assert nf4_checkpointed.breakdown["weight copies"] == layer  # the last layer's at the loss, or one recomputed

@@ -248,3 +248,22 @@ def test_a_warning_raised_as_an_error_leaves_the_model_recorded_as_prepared():
     assert model.fastrit_preparation is not None  # prepared, and refused a second time
     with pytest.raises(ValueError, match="already prepared"):
         fastrit.prepare(model, deactivate=None, train_layers=[1])
+
+
+def test_auto_on_a_model_already_in_nf4_quantizes_the_rest_alike():
+    """A model whose frozen layers are NF4 already (as benchmarks/bench_8b_cpu builds one): "auto" plans it in NF4
+    and quantizes the target layers' frozen neurons too, so that the model is what the plan counted."""
+    from fastrit.arch import decoder_layers
+    from fastrit.nn import NeuronMLP
+
+    model = build_tiny_model("llama")
+    for index, layer in enumerate(decoder_layers(model)):
+        if index != 1:
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                setattr(layer.mlp, name, NF4Linear.from_linear(getattr(layer.mlp, name)))
+    prepared = fastrit.prepare(model, deactivate=None, train_layers=[1], train="neurons", neurons={1: [0, 3]},
+                               memory_budget=2**40, planned_batch=(2, 64))
+    settings = prepared.fastrit_preparation.settings
+    assert settings["quantize_frozen"] == "nf4" and settings["quantize_reason"].startswith("the model is 4-bit")
+    mlp = decoder_layers(prepared)[1].mlp
+    assert isinstance(mlp, NeuronMLP) and all(isinstance(m, NF4Linear) for m in [*mlp.frozen_in, mlp.frozen_out])
