@@ -42,13 +42,16 @@ demo: $(STAMP)
 	$(PY) -m fastrit demo --out demo-output
 
 # Every GPU test (tests marked gpu: the kernels on CUDA tensors against the reference and bitsandbytes' CUDA
-# kernels, the attribution engine on CUDA), with the Triton interpreter off. Needs a CUDA GPU.
+# kernels, every autotune config of every Triton kernel, tensors past 2**31 elements, ops on a non-default stream, the
+# attribution engine on CUDA, prepare + NeuroRITTrainer steps against plain-PyTorch twins), with the Triton
+# interpreter off. Needs a CUDA GPU.
 gpu-test: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu -rs tests
 
 # One shot for whoever is lent a GPU, within 8 minutes on an H100 (benchmarks/gpu_bench.py): versions, GPU and
 # extension check, the GPU tests (as gpu-test, less the compile guard that `make test` runs), attribution at real
-# shapes and the kernels at Llama-3-8B shapes on CUDA. Writes benchmarks/results/gpu_bench.{json,md,log}. Options go
+# shapes, the kernels at Llama-3-8B shapes on CUDA, and one tuning step at Llama-3-8B's layer shapes (4 layers) beside
+# fastrit.plan_memory. Writes benchmarks/results/gpu_bench.{json,md,log}. Options go
 # in GPU_BENCH_ARGS, e.g. `make gpu-bench GPU_BENCH_ARGS="--offline --out /tmp/gpu"` on a machine without network.
 gpu-bench: $(STAMP)
 	$(PY) -m benchmarks.gpu_bench $(GPU_BENCH_ARGS)

@@ -19,10 +19,19 @@ the later ones; past the total deadline (``--deadline``, 7.5 minutes) the remain
    max |delta|, peak MiB per row).
 4. ``kernels``: every op of :mod:`benchmarks.bench_kernels` at Llama-3-8B's shapes (:data:`KERNELS_8B`) on CUDA,
    one process per op, so that a CUDA fault or a hang costs that op only.
-5. ``tuning``: one tuning step at 8B layer shapes: not yet (issue 27), recorded as skipped.
+5. ``tuning``: one training step at Llama-3-8B's layer shapes (:data:`TUNING_8B`: its config with the decoder cut to
+   4 layers, the full 128,256-token vocabulary, bf16, random weights drawn on the GPU, the MLPs of layers 0-2
+   trainable, 1 x 2048 tokens), in one process (``--worker tuning``), for each of :data:`TUNING_SETTINGS`:
+   ``fastrit.prepare(quantize_frozen="nf4", gradient_checkpointing=True)``, then, if the time left allows, dense
+   without checkpointing. bitsandbytes' 8-bit AdamW (torch's AdamW without bitsandbytes) and
+   ``fastrit.tuning.causal_lm_loss``; a warm-up step, then the median of 5 steps split into forward, backward and
+   optimizer (a device synchronisation around each), ``torch.cuda.max_memory_allocated`` over them beside
+   ``fastrit.plan_memory``'s peak for the same settings (ratio plan / measured). Rows are printed as they are
+   measured: a worker stopped at its timeout keeps the settings it finished.
 
 Without a CUDA device the GPU steps are recorded as skipped. ``--cpu-smoke`` is the reduced form that the tests run
-(tiny shapes on the CPU, the gpu-marked tests of one file; about a minute), so that this script cannot rot.
+(tiny shapes on the CPU, the gpu-marked tests of one file, the tuning step on a tiny Llama; a minute or two), so that
+this script cannot rot.
 ``--offline`` (a machine without network, such as a lent GPU box) keeps pip and the Hugging Face hub from being
 asked for SmolLM2's weights (the scenario then uses random weights of its shape).
 
@@ -36,11 +45,13 @@ a step failed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,10 +70,14 @@ SMOKE_DEADLINE_S = 240.0
 MIN_STEP_S = 5.0  # a step (or a kernel process) with less time than this is skipped
 TAIL_LINES = 40
 
-#: step -> its time budget in seconds on a GPU (an H100/H200 estimate; together the deadline) and in the smoke form
-BUDGETS = {"environment": 30.0, "gpu_test": 190.0, "attribution": 120.0, "kernels": 110.0, "tuning": 0.0}
-SMOKE_BUDGETS = {"environment": 30.0, "gpu_test": 40.0, "attribution": 90.0, "kernels": 60.0, "tuning": 0.0}
-NEEDS_CUDA = ("gpu_test", "attribution", "kernels")
+#: step -> its time budget in seconds on a GPU (an H100/H200 estimate; together the deadline) and in the smoke form.
+#: The tuning step's 45 s (imports, two 1.9 B-parameter models built and prepared, 2 x 6 steps) came out of attribution
+#: (120 -> 100) and kernels (110 -> 85); in the smoke form (about 10 s here) its 35 s out of attribution (90 -> 80) and
+#: kernels (60 -> 55). Each form's budgets add up to at most its deadline (a step is allotted the deadline less the
+#: later steps' budgets).
+BUDGETS = {"environment": 30.0, "gpu_test": 190.0, "attribution": 100.0, "kernels": 85.0, "tuning": 45.0}
+SMOKE_BUDGETS = {"environment": 30.0, "gpu_test": 40.0, "attribution": 80.0, "kernels": 55.0, "tuning": 35.0}
+NEEDS_CUDA = ("gpu_test", "attribution", "kernels", "tuning")
 
 #: the compile guard of the Triton and CUDA kernels: no GPU needed (it runs in `make test`), minutes of compiling
 COMPILE_GUARD = ("tests/kernels/test_triton_kernels.py::"
@@ -396,8 +411,178 @@ def step_kernels(ctx: Context, timeout: float) -> dict:
     return ok(results)
 
 
+# ---------------------------------------------------------------------------------------------------------- tuning
+
+TUNING_MARK = "GPU_BENCH_TUNING "
+#: the tuning step's run on a GPU: Llama-3-8B's layer shapes and vocabulary (fastrit.memory.BUILT_IN_CONFIGS), its
+#: decoder cut to ``layers``, the MLPs of ``train_layers`` trainable, ``batch`` x ``seq`` random tokens, every
+#: position labelled; one warm-up step, then ``timed_steps``
+TUNING_8B = {"config": "llama-3-8b", "layers": 4, "train_layers": [0, 1, 2], "seq": 2048, "batch": 1,
+             "dtype": "bfloat16", "device": "cuda", "timed_steps": 5}
+#: the same code at a tiny Llama shape on the CPU (the smoke form)
+TUNING_SMOKE = {"config": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 4,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+                           "tie_word_embeddings": False},
+                "layers": 4, "train_layers": [0, 1, 2], "seq": 32, "batch": 1, "dtype": "bfloat16", "device": "cpu",
+                "timed_steps": 2}
+#: the settings timed, in order: what fastrit.tune does on a small GPU, then (if the time left allows) on a large one
+TUNING_SETTINGS = (
+    {"name": "nf4+checkpointing", "quantize_frozen": "nf4", "gradient_checkpointing": True},
+    {"name": "dense", "quantize_frozen": None, "gradient_checkpointing": False},
+)
+TUNING_LR = 1e-4
+
+
+def _tuning_config(spec: dict):
+    import transformers
+
+    from fastrit.memory import BUILT_IN_CONFIGS
+
+    name = spec["config"]
+    config = BUILT_IN_CONFIGS[name]() if isinstance(name, str) else transformers.LlamaConfig(**name)
+    config.num_hidden_layers = spec["layers"]
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def _tuning_optimizer(params: list):
+    """``(name as fastrit.plan_memory calls it, optimizer)``: bitsandbytes' 8-bit AdamW (not paged, so that its states
+    count in torch's memory statistics) if it imports, else torch's AdamW."""
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return "adamw", torch.optim.AdamW(params, lr=TUNING_LR, weight_decay=0.0)
+    return "adamw8bit", bnb.optim.AdamW8bit(params, lr=TUNING_LR)
+
+
+def tuning_row(spec: dict, setting: dict) -> dict:
+    """One setting of the tuning step (in the worker): build the model with random weights on the device, prepare it,
+    a warm-up step, then ``timed_steps`` steps (forward with fastrit.tuning.causal_lm_loss, backward, optimizer step,
+    each between two device synchronisations); the peak memory of the timed steps beside fastrit.plan_memory's."""
+    import torch
+    import transformers
+
+    import fastrit
+    from fastrit.tuning import causal_lm_loss
+
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, spec["dtype"])
+    config = _tuning_config(spec)
+    seconds: dict = {}
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):  # the weights are drawn where they are used
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to(device).train()
+    sync()
+    seconds["build"] = time.perf_counter() - start
+    start = time.perf_counter()
+    fastrit.prepare(model, deactivate=None, train_layers=list(spec["train_layers"]), train="mlp",
+                    quantize_frozen=setting["quantize_frozen"],
+                    gradient_checkpointing=setting["gradient_checkpointing"])
+    sync()
+    seconds["prepare"] = time.perf_counter() - start
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer_name, optimizer = _tuning_optimizer(params)
+    generator = torch.Generator(device=device).manual_seed(1)
+    input_ids = torch.randint(0, config.vocab_size, (spec["batch"], spec["seq"]), device=device, generator=generator)
+
+    def step() -> tuple[float, float, float, float]:
+        sync()
+        t0 = time.perf_counter()
+        loss = causal_lm_loss(model, input_ids, input_ids)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2, float(loss.detach())
+
+    start = time.perf_counter()
+    first = step()  # compiles, allocates the optimizer's states
+    seconds["warm_up"] = time.perf_counter() - start
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        held = torch.cuda.memory_allocated(device)
+    timed = [step() for _ in range(spec["timed_steps"])]
+    peak = torch.cuda.max_memory_allocated(device) if cuda else None
+    plan = fastrit.plan_memory(config, seq_len=spec["seq"], batch_size=spec["batch"], train="mlp",
+                               train_layers=list(spec["train_layers"]), quantize_frozen=setting["quantize_frozen"],
+                               gradient_checkpointing=setting["gradient_checkpointing"], dtype=spec["dtype"],
+                               optimizer=optimizer_name, device=spec["device"])
+    median = {name: statistics.median(t[index] for t in timed)
+              for index, name in enumerate(("forward_s", "backward_s", "optimizer_s"))}
+    step_s = statistics.median(sum(t[:3]) for t in timed)
+    row = {
+        "name": setting["name"], "status": "ok", "quantize_frozen": setting["quantize_frozen"],
+        "gradient_checkpointing": setting["gradient_checkpointing"], "optimizer": optimizer_name,
+        "trainable_params": sum(p.numel() for p in params), "plan_trainable_params": plan.trainable_params,
+        "step_s": step_s, **median, "steps_s": [round(sum(t[:3]), 6) for t in timed],
+        "tokens_per_s": spec["batch"] * spec["seq"] / step_s, "seconds": seconds,
+        "loss_first": first[3], "loss_last": timed[-1][3],
+        "measured_peak_bytes": peak, "held_before_step_bytes": held if cuda else None,
+        "plan_peak_bytes": plan.peak_bytes, "plan_vs_measured": plan.peak_bytes / peak if peak else None,
+        "plan_breakdown_bytes": dict(plan.breakdown),
+    }
+    return row  # the model, its optimizer and the step are freed with this frame
+
+
+def tuning_worker(smoke: bool, seconds: float | None) -> None:
+    """Print one :data:`TUNING_MARK` row per setting of :data:`TUNING_SETTINGS` as it is measured; a setting that the
+    time left (``seconds`` since the start) would likely not hold, going by the average so far, is a skipped row."""
+    spec = TUNING_SMOKE if smoke else TUNING_8B
+    start = time.perf_counter()
+    for index, setting in enumerate(TUNING_SETTINGS):
+        elapsed = time.perf_counter() - start
+        if index and seconds is not None and elapsed + elapsed / index > 0.9 * seconds:
+            print_row(TUNING_MARK, {"name": setting["name"], "status": "skipped",
+                                    "reason": f"{elapsed:.0f} s of {seconds:.0f} s spent: no time for another"})
+            continue
+        print_row(TUNING_MARK, tuning_row(spec, setting))
+        gc.collect()  # the previous setting's model goes before the next is built
+        if spec["device"] == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+def tuning_model(spec: dict) -> str:
+    """The tuning step's model and run, in words."""
+    name = spec["config"] if isinstance(spec["config"], str) else "tiny Llama"
+    return (f"{name} layer shapes, {spec['layers']} decoder layers, MLPs of layers {spec['train_layers']} trainable, "
+            f"{spec['batch']} x {spec['seq']} tokens, {spec['dtype']} on {spec['device']}, "
+            f"median of {spec['timed_steps']} steps after a warm-up")
+
+
 def step_tuning(ctx: Context, timeout: float) -> dict:
-    return skipped("not yet: issue 27")
+    command = [sys.executable, "-m", "benchmarks.gpu_bench", "--worker", "tuning", "--worker-seconds",
+               f"{timeout:.0f}", *(["--cpu-smoke"] if ctx.smoke else [])]
+    outcome = ctx.run(command, timeout, "tuning")
+    rows = [json.loads(line[len(TUNING_MARK):]) for line in outcome.output.splitlines()
+            if line.startswith(TUNING_MARK)]
+    measured = [row for row in rows if row.get("status") == "ok"]
+    results = {"command": " ".join(command[1:]), "model": tuning_model(TUNING_SMOKE if ctx.smoke else TUNING_8B),
+               "rows": rows}
+    if outcome.returncode is None and measured:  # stopped at its timeout: what it measured stands
+        missing = [s["name"] for s in TUNING_SETTINGS if s["name"] not in {row["name"] for row in rows}]
+        return ok({**results, "partial": f"stopped at its timeout of {timeout:.0f} s before {', '.join(missing)}"})
+    if not outcome.ok:
+        return failed(outcome.error(), results)
+    if not measured:
+        return failed(f"no setting was measured\n{tail(outcome.output)}", results)
+    return ok(results)
 
 
 #: the steps, in order
@@ -458,10 +643,29 @@ def step_summary(step: dict) -> str:
     if step["name"] == "kernels" and results.get("ops"):
         done = sum(entry["status"] == "ok" for entry in results["ops"].values())
         return f"{done} of {len(results['ops'])} ops, {len(results['rows'])} rows"
+    if step["name"] == "tuning" and results.get("rows"):
+        parts = []
+        for row in results["rows"]:
+            if row.get("status") != "ok":
+                parts.append(f"{row['name']}: skipped")
+                continue
+            memory = f"plan {_gib(row['plan_peak_bytes'])} GiB"
+            if row.get("measured_peak_bytes"):
+                memory = f"peak {_gib(row['measured_peak_bytes'])} GiB, {memory} (x{row['plan_vs_measured']:.2f})"
+            parts.append(f"{row['name']}: {1000 * row['step_s']:.0f} ms/step, {memory}")
+        return "; ".join(parts) + (f" ({results['partial']})" if results.get("partial") else "")
     if step["status"] == "ok":
         return ""
     why = step.get("reason") or step.get("error") or ""
     return why.splitlines()[0] if why else ""
+
+
+def _gib(value: object) -> str:
+    return f"{value / 2**30:.3g}" if isinstance(value, (int, float)) else "-"
+
+
+def _ms(value: object) -> str:
+    return f"{1000 * value:.1f}" if isinstance(value, (int, float)) else "-"
 
 
 def markdown(report: dict) -> str:
@@ -489,6 +693,18 @@ def markdown(report: dict) -> str:
         lines += [f"| {row['op']} | {row['shape']} | {row['dtype']} | {row['provider']} | {row['median_ms']:.3f} | "
                   f"{row['p20_ms']:.3f}-{row['p80_ms']:.3f} | {row['gbps']:.1f} | "
                   f"{_number(row.get('speedup_vs_torch'), '.2f')} |" for row in kernels]
+    tuning = steps.get("tuning", {}).get("results") or {}
+    measured = [row for row in tuning.get("rows") or [] if row.get("status") == "ok"]
+    if measured:
+        lines += ["", "## tuning step", "", tuning["model"], "",
+                  "| setting | optimizer | step ms | forward ms | backward ms | optimizer ms | tokens/s | peak GiB "
+                  "| plan GiB | plan / peak | loss first, last |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {row['name']} | {row['optimizer']} | {_ms(row['step_s'])} | {_ms(row['forward_s'])} | "
+                  f"{_ms(row['backward_s'])} | {_ms(row['optimizer_s'])} | {row['tokens_per_s']:.0f} | "
+                  f"{_gib(row['measured_peak_bytes'])} | {_gib(row['plan_peak_bytes'])} | "
+                  f"{_number(row.get('plan_vs_measured'), '.2f')} | {row['loss_first']:.4f}, {row['loss_last']:.4f} |"
+                  for row in measured]
     errors = [(step["name"], step["error"]) for step in report["steps"] if step.get("error")]
     errors += [(f"kernels {op}", entry["error"]) for op, entry in
                ((steps.get("kernels", {}).get("results") or {}).get("ops") or {}).items() if entry.get("error")]
@@ -528,7 +744,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="no network: pip and the Hugging Face hub are not asked (PIP_NO_INDEX, HF_HUB_OFFLINE)")
     parser.add_argument("--compile", action="store_true", help="also the torch.compile provider of the kernels "
                                                                 "(tens of seconds of compiling per op)")
-    parser.add_argument("--worker", choices=["environment"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["environment", "tuning"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-seconds", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.deadline is not None and args.deadline <= 0:
         parser.error("--deadline: expected seconds > 0")
@@ -540,6 +757,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.worker == "environment":
         print_row(ENV_MARK, probe_environment())
+        return {}
+    if args.worker == "tuning":
+        tuning_worker(args.cpu_smoke, args.worker_seconds)
         return {}
     smoke = args.cpu_smoke
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

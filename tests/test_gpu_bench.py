@@ -3,6 +3,7 @@ the log; what only the GPU form meets (pytest's counts, timeouts, the deadline, 
 step) is checked with stand-ins for the commands."""
 
 import json
+import math
 import re
 import sys
 import time
@@ -27,7 +28,7 @@ def test_cpu_smoke_runs_every_step_and_writes_the_json_the_table_and_the_log(tmp
     assert steps["gpu_test"]["status"] in ("ok", "skipped"), steps["gpu_test"]
     assert steps["attribution"]["status"] == "ok", steps["attribution"]
     assert steps["kernels"]["status"] == "ok", steps["kernels"]
-    assert steps["tuning"]["status"] == "skipped" and "issue 27" in steps["tuning"]["reason"]
+    assert steps["tuning"]["status"] == "ok", steps["tuning"]
 
     environment = report["environment"]
     assert environment["extension"] == "ok" and environment["versions"]["torch"] != "absent"
@@ -41,13 +42,28 @@ def test_cpu_smoke_runs_every_step_and_writes_the_json_the_table_and_the_log(tmp
     assert set(kernels["ops"]) == set(gpu_bench.KERNELS_SMOKE)
     assert {row["op"] for row in kernels["rows"]} == set(gpu_bench.KERNELS_SMOKE)
     assert all(row["median_ms"] > 0 and row["provider"] for row in kernels["rows"])
+    tuning = steps["tuning"]["results"]
+    assert "--worker tuning" in tuning["command"] and "--cpu-smoke" in tuning["command"]
+    rows = {row["name"]: row for row in tuning["rows"]}
+    assert list(rows) == [setting["name"] for setting in gpu_bench.TUNING_SETTINGS]
+    for setting in gpu_bench.TUNING_SETTINGS:
+        row = rows[setting["name"]]
+        assert row["status"] == "ok" and row["quantize_frozen"] == setting["quantize_frozen"]
+        assert row["gradient_checkpointing"] == setting["gradient_checkpointing"]
+        assert min(row["forward_s"], row["backward_s"], row["optimizer_s"]) > 0
+        assert len(row["steps_s"]) == gpu_bench.TUNING_SMOKE["timed_steps"]
+        assert min(row["steps_s"]) <= row["step_s"] <= max(row["steps_s"])  # the median step
+        assert row["trainable_params"] == row["plan_trainable_params"] > 0  # the planner prepares as prepare does
+        assert math.isfinite(row["loss_first"]) and math.isfinite(row["loss_last"])
+        assert row["plan_peak_bytes"] > 0 and row["optimizer"] in ("adamw8bit", "adamw")
+        assert row["measured_peak_bytes"] is None and row["plan_vs_measured"] is None  # no CUDA memory on the CPU
 
     saved = json.loads((tmp_path / "gpu_bench_cpu_smoke.json").read_text())
     assert saved["mode"] == "cpu_smoke" and [step["name"] for step in saved["steps"]] == list(gpu_bench.STEPS)
     table = (tmp_path / "gpu_bench_cpu_smoke.md").read_text()
     for name in gpu_bench.STEPS:
         assert re.search(rf"^\| {name} \| (ok|failed|skipped) \|", table, re.MULTILINE), name
-    assert "## attribution at real shapes" in table and "## kernels" in table
+    assert "## attribution at real shapes" in table and "## kernels" in table and "## tuning step" in table
     assert "bench_attribution" in (tmp_path / "gpu_bench_cpu_smoke.log").read_text()
 
 
@@ -177,3 +193,84 @@ def test_the_gpu_test_files_hold_the_gpu_tests_and_the_deselected_compile_guard(
 def test_budgets_name_a_step_and_seconds(option):
     with pytest.raises(SystemExit):
         gpu_bench.main(["--budget", option])
+
+
+def test_budgets_add_up_to_at_most_the_deadline():
+    """A step is allotted the deadline less the later steps' budgets: budgets adding up to more would starve the first
+    steps (the environment probe would get seconds)."""
+    assert sum(gpu_bench.BUDGETS.values()) <= gpu_bench.DEADLINE_S
+    assert sum(gpu_bench.SMOKE_BUDGETS.values()) <= gpu_bench.SMOKE_DEADLINE_S
+    assert set(gpu_bench.BUDGETS) == set(gpu_bench.SMOKE_BUDGETS) == set(gpu_bench.STEPS)
+    assert all(seconds > 0 for seconds in gpu_bench.BUDGETS.values())
+
+
+def _tuning_row(name, peak=None):
+    return {"name": name, "status": "ok", "optimizer": "adamw8bit", "step_s": 0.1, "forward_s": 0.03,
+            "backward_s": 0.06, "optimizer_s": 0.01, "tokens_per_s": 20480.0, "measured_peak_bytes": peak,
+            "plan_peak_bytes": 11 * 2**30, "plan_vs_measured": 11 * 2**30 / peak if peak else None,
+            "loss_first": 11.9, "loss_last": 11.8}
+
+
+def _tuning_output(*rows) -> str:
+    return "".join(f"{gpu_bench.TUNING_MARK}{json.dumps(row)}\n" for row in rows)
+
+
+def test_gpu_form_of_the_tuning_step_runs_its_worker_and_reports_plan_against_peak(tmp_path):
+    ctx, commands = _context(tmp_path), []
+    rows = [_tuning_row("nf4+checkpointing", 10 * 2**30), _tuning_row("dense", 20 * 2**30)]
+
+    def run(command, timeout, label):
+        commands.append((command, timeout))
+        return gpu_bench.Outcome(command, 0, "loading\n" + _tuning_output(*rows), 30.0, timeout)
+
+    ctx.run = run
+    step = gpu_bench.step_tuning(ctx, 45)
+    assert step["status"] == "ok" and step["results"]["rows"] == rows
+    command, timeout = commands[0]
+    assert command[command.index("--worker") + 1] == "tuning" and "--cpu-smoke" not in command
+    assert float(command[command.index("--worker-seconds") + 1]) == timeout == 45
+    assert step["results"]["model"].startswith("llama-3-8b layer shapes, 4 decoder layers")
+    summary = gpu_bench.step_summary({"name": "tuning", "status": "ok", "results": step["results"]})
+    assert "nf4+checkpointing: 100 ms/step, peak 10 GiB, plan 11 GiB (x1.10)" in summary
+    report = {"mode": "gpu", "started": "now", "deadline_s": 450, "steps": [
+        {"name": "tuning", "status": "ok", "seconds": 30.0, "budget_s": 45, **step}]}
+    table = gpu_bench.markdown(report)
+    assert "## tuning step" in table and "| dense | adamw8bit | 100.0 | 30.0 | 60.0 | 10.0 | 20480 | 20 | 11 | 0.55 |" \
+        in table
+
+
+def test_a_tuning_worker_stopped_at_its_timeout_keeps_what_it_measured(tmp_path):
+    ctx = _context(tmp_path)
+    ctx.run = lambda command, timeout, label: gpu_bench.Outcome(
+        command, None, _tuning_output(_tuning_row("nf4+checkpointing", 2**30)), timeout, timeout)
+    step = gpu_bench.step_tuning(ctx, 45)
+    assert step["status"] == "ok" and len(step["results"]["rows"]) == 1
+    assert "before dense" in step["results"]["partial"]
+    ctx.run = lambda command, timeout, label: gpu_bench.Outcome(command, None, "building\n", timeout, timeout)
+    step = gpu_bench.step_tuning(ctx, 45)
+    assert step["status"] == "failed" and "timeout of 45 s" in step["error"]
+
+
+def test_a_failing_tuning_worker_fails_the_step_with_what_it_measured(tmp_path):
+    ctx = _context(tmp_path)
+    output = _tuning_output(_tuning_row("nf4+checkpointing", 2**30)) + "torch.OutOfMemoryError: CUDA out of memory\n"
+    ctx.run = lambda command, timeout, label: gpu_bench.Outcome(command, 1, output, 5.0, timeout)
+    step = gpu_bench.step_tuning(ctx, 45)
+    assert step["status"] == "failed" and "out of memory" in step["error"]
+    assert [row["name"] for row in step["results"]["rows"]] == ["nf4+checkpointing"]
+    ctx.run = lambda command, timeout, label: gpu_bench.Outcome(command, 0, "nothing\n", 5.0, timeout)
+    assert gpu_bench.step_tuning(ctx, 45)["status"] == "failed"
+
+
+def test_the_tuning_worker_skips_a_setting_the_time_left_would_not_hold(monkeypatch, capsys):
+    def row(spec, setting):
+        time.sleep(0.3)
+        return {"name": setting["name"], "status": "ok"}
+
+    monkeypatch.setattr(gpu_bench, "tuning_row", row)
+    gpu_bench.tuning_worker(True, 0.5)  # 0.3 s spent: another 0.3 s would pass 90 % of 0.5 s
+    printed = [json.loads(line[len(gpu_bench.TUNING_MARK):]) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["name"], r["status"]) for r in printed] == [("nf4+checkpointing", "ok"), ("dense", "skipped")]
+    gpu_bench.tuning_worker(True, 10.0)
+    printed = [json.loads(line[len(gpu_bench.TUNING_MARK):]) for line in capsys.readouterr().out.splitlines()]
+    assert [r["status"] for r in printed] == ["ok", "ok"]

@@ -203,7 +203,7 @@ def _plan_budget(args: argparse.Namespace) -> tuple[int, str]:
     """``(bytes, where they come from)`` for ``fastrit plan``'s "auto" settings (see ``--memory-budget``)."""
     import torch
 
-    from ..tuning.auto import FIT_MARGIN, available_memory
+    from ..tuning.auto import FIT_MARGIN, available_memory, size_text
 
     if args.memory_budget is not None:
         if not math.isfinite(args.memory_budget) or args.memory_budget <= 0:
@@ -212,7 +212,7 @@ def _plan_budget(args: argparse.Namespace) -> tuple[int, str]:
     if args.device == "cuda" and not torch.cuda.is_available():
         return 0, "no budget (no --memory-budget, and no CUDA device here)"
     budget = int(FIT_MARGIN * available_memory(torch.device(args.device)))
-    return budget, f"the free {args.device} memory here ({budget / 2**30:.1f} GiB, x{FIT_MARGIN})"
+    return budget, f"the free {args.device} memory here ({size_text(budget)}, x{FIT_MARGIN})"
 
 
 def _print_attribution_plan(args: argparse.Namespace, config) -> None:

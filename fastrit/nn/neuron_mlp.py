@@ -127,9 +127,9 @@ class NeuronMLP(nn.Module):
             raise ValueError("train: trainable neurons must be kept, not deactivated")
         frozen = keep[~torch.isin(keep, train)]
         dropout = getattr(mlp, layout.dropout) if layout.dropout else None
-        module = cls(layout, getattr(mlp, layout.act), intermediate, weights.hidden_size, frozen_index=frozen,
-                     trainable_index=train, dropout=dropout)
-        device = weights.output.device
+        device = weights.output.device  # the index buffers live with the weights (dense_weights builds there)
+        module = cls(layout, getattr(mlp, layout.act), intermediate, weights.hidden_size,
+                     frozen_index=frozen.to(device), trainable_index=train.to(device), dropout=dropout)
         module.weight_dtype = weights.output.dtype
         if frozen.numel():
             module._build_frozen(mlp, layout, weights, frozen.to(device), quantize_frozen)

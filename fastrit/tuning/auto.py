@@ -70,6 +70,11 @@ def available_memory(device: torch.device) -> int:
     raise ValueError(f"device: cannot tell the free memory of a {device.type!r} device; pass memory_budget")
 
 
+def size_text(nbytes: float) -> str:
+    """``nbytes`` for a reader: GiB from 1 GiB up, else MiB."""
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _setting_text(quantize: str | None, checkpointing: bool, dtype: str) -> str:
     return f"{'NF4' if quantize == 'nf4' else dtype} frozen layers, {'' if checkpointing else 'no '}checkpointing"
 
@@ -94,7 +99,7 @@ def choose_settings(config, *, budget: int, budget_source: str, quantize_frozen:
         if plan.peak_bytes <= budget:
             break
     batch = f"batch {plan_kwargs.get('batch_size', 1)} x {plan_kwargs.get('seq_len', 2048)} tokens"
-    tried = "; ".join(f"{_setting_text(q, c, dtype)}: {p.peak_bytes / GIB:.2f} GiB" for q, c, p in plans)
+    tried = "; ".join(f"{_setting_text(q, c, dtype)}: {size_text(p.peak_bytes)}" for q, c, p in plans)
     quantize, checkpointing, plan = plans[-1]
     if budget <= 0:
         quantize, checkpointing, plan = min(plans, key=lambda item: item[2].peak_bytes)
@@ -113,10 +118,10 @@ def model_budget(model: nn.Module, memory_budget: int | None) -> tuple[int, str]
     """``(bytes, where they come from)``: ``memory_budget`` when given, else what ``model`` already holds on its
     device plus that device's available memory, times :data:`FIT_MARGIN`."""
     if memory_budget is not None:
-        return int(memory_budget), f"memory_budget {memory_budget / GIB:.1f} GiB"
+        return int(memory_budget), f"memory_budget {size_text(memory_budget)}"
     device = next(model.parameters()).device
     budget = int(FIT_MARGIN * (available_memory(device) + stored_bytes(model)))
-    return budget, f"the {device.type} memory available ({budget / GIB:.1f} GiB with the model, x{FIT_MARGIN})"
+    return budget, f"the {device.type} memory available ({size_text(budget)} with the model, x{FIT_MARGIN})"
 
 
 def choose_for_model(model: nn.Module, *, train: str, train_layers: list[int], neurons: int | None,
