@@ -14,9 +14,11 @@ hours. Memory is measured and planned in the same dtype, so the comparison with 
 ``--dtype bfloat16`` runs the GPU setting on a CPU that has bf16 arithmetic.
 
 The step, as ``fastrit.tune`` takes it: ``fastrit.prepare(model, deactivate=None, train_layers=targets, train=MODE,
-planned_batch=(1, 256))`` with its defaults ``quantize_frozen="auto"``, ``gradient_checkpointing="auto"`` (the NF4
-layers already there are kept; checkpointing is on when the step without it would not fit 0.9 x this machine's
-available memory plus the model: recorded as ``gradient_checkpointing`` and ``settings_reason``), bitsandbytes 8-bit
+quantize_frozen="nf4", planned_batch=(1, 256))`` (NF4: what ``"auto"`` takes for this model, whose float32 weights
+alone exceed this machine's memory; the NF4 layers already there are kept, the target layers' frozen neurons
+quantized) with the default ``gradient_checkpointing="auto"`` (on when the step without it would not fit 0.9 x
+this machine's available memory plus the model: recorded as ``gradient_checkpointing`` and ``settings_reason``),
+bitsandbytes 8-bit
 AdamW (lr 1e-4) over the trainable parameters, the loss of ``fastrit.tuning.causal_lm_loss`` on random token ids
 (batch 1 x 256, every position labelled); forward (with the loss), backward and the optimizer step, each timed.
 Modes: ``mlp`` (the paper's: the target layers' full MLPs, 528,482,304 parameters) and ``neurons`` (1,433 neurons
@@ -165,8 +167,10 @@ def worker(mode: str, settings: dict) -> dict:
     kwargs = {}
     if mode == "neurons":
         kwargs["neurons"] = {layer: list(range(settings["neurons"])) for layer in settings["targets"]}
+    # NF4: what "auto" takes for this model dense (its float32 weights alone are more than this machine's memory);
+    # gradient_checkpointing: prepare's default, "auto"
     fastrit.prepare(model, deactivate=None, train_layers=list(settings["targets"]), train=mode,
-                    planned_batch=(settings["batch"], settings["seq"]), **kwargs)  # the "auto" defaults
+                    quantize_frozen="nf4", planned_batch=(settings["batch"], settings["seq"]), **kwargs)
     seconds["prepare"] = time.perf_counter() - start
     chosen = model.fastrit_preparation.settings
     checkpointing = chosen["gradient_checkpointing"]

@@ -164,6 +164,8 @@ def add_memory_arguments(group, quantize_flag: str, default_budget: str) -> None
     group.add_argument("--no-checkpointing", action="store_true", help="the same as --checkpointing off")
     group.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                        help=f"memory the run may use, in GiB, for the 'auto' settings (default: {default_budget})")
+    group.add_argument("--no-master-weights", action="store_true",
+                       help="train a bf16/fp16 model's tensors in its dtype, not as float32 master weights")
 
 
 def checkpointing_setting(args: argparse.Namespace) -> bool | str:
@@ -193,7 +195,7 @@ def prepare_settings(args: argparse.Namespace):
     if args.memory_budget is not None and "auto" not in (quantize, checkpointing):
         raise ValueError("--memory-budget: only the 'auto' settings (--quantize, --checkpointing) use it")
     kwargs = dict(train=args.train, quantize_frozen=None if quantize == "none" else quantize,
-                  gradient_checkpointing=checkpointing)
+                  gradient_checkpointing=checkpointing, master_weights=not args.no_master_weights)
     if args.memory_budget is not None:
         if not math.isfinite(args.memory_budget) or args.memory_budget <= 0:
             raise ValueError(f"--memory-budget: expected a positive number of GiB, got {args.memory_budget}")

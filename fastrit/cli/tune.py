@@ -169,6 +169,7 @@ def _config(text: str):
 
 def run_plan(args: argparse.Namespace) -> None:
     from ..tuning.auto import choose_settings
+    from ..tuning.loss import loss_chunk_bytes
     from ..tuning.plan import plan_memory
 
     config = _config(args.config)
@@ -177,10 +178,15 @@ def run_plan(args: argparse.Namespace) -> None:
         return
     common = dict(seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
                   train_layers=args.train_layers, neurons=args.neurons, dtype=args.dtype, device=args.device)
+    common["master_weights"] = not args.no_master_weights
     quantize = {"auto": "auto", "nf4": "nf4", "none": None}[args.quantize_frozen]
     checkpointing = checkpointing_setting(args)
+    if args.memory_budget is not None and "auto" not in (quantize, checkpointing):
+        raise ValueError("--memory-budget: only the 'auto' settings (--quantize-frozen, --checkpointing) use it")
     if "auto" in (quantize, checkpointing):
         budget, source = _plan_budget(args)
+        if budget and args.device == "cuda":  # the loss chunk causal_lm_loss takes on a GPU of that memory
+            common["loss_chunk_bytes"] = loss_chunk_bytes(budget)
         choice = choose_settings(config, budget=budget, budget_source=source, quantize_frozen=quantize,
                                  gradient_checkpointing=checkpointing, optimizer=args.optimizer, **common)
         ours = choice.plan
@@ -189,7 +195,7 @@ def run_plan(args: argparse.Namespace) -> None:
         ours = plan_memory(config, quantize_frozen=quantize, optimizer=args.optimizer,
                            gradient_checkpointing=checkpointing, **common)
     plain = plan_memory(config, quantize_frozen=None, optimizer="adamw", gradient_checkpointing=False, loss="model",
-                        master_weights=False, **common)
+                        **{**common, "master_weights": False})
     width = max(len(k) for k in ours.breakdown)
     print(f"{args.config}: seq {args.seq_len} x batch {args.batch_size}, train={args.train}, "
           f"{args.train_layers} target layers, {ours.trainable_params:,} trainable parameters")

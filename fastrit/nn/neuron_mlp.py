@@ -167,6 +167,12 @@ class NeuronMLP(nn.Module):
         self.frozen_in = nn.ModuleList(modules)
         self.frozen_out = _frozen_linear(weights.output.masked_fill(others[None, :], 0), None, quantize)
 
+    def _apply(self, fn, recurse: bool = True):
+        """As nn.Module's, and :attr:`weight_dtype` follows a dtype change (``.to(torch.bfloat16)``, ``.half()``)."""
+        super()._apply(fn, recurse)
+        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        return self
+
     def _frozen_mask(self, frozen: torch.Tensor) -> torch.Tensor:
         keep = torch.zeros(self.intermediate_size, dtype=torch.bool, device=frozen.device)
         keep[frozen] = True
@@ -199,7 +205,7 @@ class NeuronMLP(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         out = None
         # the trainable part first: under checkpointing, the recompute stops once every saved tensor is recomputed,
-        # so the frozen output projection (NF4, which saves nothing) after it is never recomputed
+        # and the frozen output projection saves its weight before its product: that product is never recomputed
         if self.in_weight is not None:
             pre = F.linear(flat, _as(self.in_weight, flat), _as(self.in_bias, flat))
             out = F.linear(self._site(list(pre.chunk(self.inputs, dim=-1))), _as(self.out_weight, flat))

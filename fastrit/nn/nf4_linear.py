@@ -3,8 +3,12 @@
 The weight ``W [out, in]`` is kept only as 4-bit codes plus its quantization state, all as buffers, so that
 ``.to(device)``, ``.cuda()``, ``state_dict()`` and ``load_state_dict()`` carry them; nothing in the module is a
 parameter and nothing ever requires grad. The forward pass dequantizes ``W`` (fastrit.ops.nf4_dequantize, bit for
-bit bitsandbytes' ``dequantize_4bit``), and its backward dequantizes it again instead of keeping it: only the
-4-bit codes are saved for backward, so the layer's training-time memory stays that of its 4-bit storage.
+bit bitsandbytes' ``dequantize_4bit``) and multiplies with it (fastrit.ops.nf4_linear). When the input needs a
+gradient, autograd keeps that dequantized weight for the backward pass, which reuses it: each weight is dequantized
+once per forward, and once more per recompute under gradient checkpointing, whose recompute of a layer runs just
+before that layer's backward, so that one checkpointed layer's dequantized weights are alive at a time. The weight
+is saved before the product is formed (on 16-bit CPU tensors, after it: fastrit.ops.nf4), so a checkpoint's
+recompute that ends at this layer stops before that product.
 
 Buffers (state_dict keys):
 

@@ -133,4 +133,29 @@ def nf4_linear(
         if bias.shape != (quant_state.shape[0],):
             raise ValueError(f"bias: expected shape [{quant_state.shape[0]}], got {list(bias.shape)}")
     weight = nf4_dequantize(packed, quant_state, backend=backend).to(x.dtype)
-    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    bias = None if bias is None else bias.to(x.dtype)
+    if x.device.type == "cpu" and x.dtype != torch.float32 and torch.is_grad_enabled() and x.requires_grad:
+        return _LinearTransposedBackward.apply(x, weight, bias)
+    # autograd keeps ``weight`` for the backward pass, saved before the product is formed (a checkpoint's recompute
+    # that ends here stops before it)
+    return F.linear(x, weight, bias)
+
+
+class _LinearTransposedBackward(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` for 16-bit CPU tensors, the weight gradient never formed: backward forms
+    ``grad @ weight`` as ``F.linear(grad, weight^T)``. On a CPU without native bf16 arithmetic a 16-bit product
+    is fast only with its second operand transposed (``a @ B^T``): ``[..., out] @ [out, in]`` as autograd would
+    form it runs about 20x slower. The weight is saved after the product (unlike F.linear's autograd), so a
+    checkpoint's recompute forms it: a CPU cost only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (weight,) = ctx.saved_tensors
+        grad_x = F.linear(grad_out, weight.t().contiguous()) if ctx.needs_input_grad[0] else None
+        grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..memory import GIB, MemoryPlan, stored_bytes
+from .loss import device_chunk_bytes
 
 __all__ = ["CANDIDATES", "FIT_MARGIN", "Choice", "available_memory", "choose_for_model", "choose_settings"]
 
@@ -60,11 +61,12 @@ def _cpu_available() -> int:
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free for new allocations on ``device``: ``torch.cuda.mem_get_info`` on a GPU, the operating system's
-    available memory on the CPU."""
+    """Bytes free for new allocations on ``device``: on a GPU ``torch.cuda.mem_get_info``'s free memory plus what
+    torch's caching allocator has reserved and does not use; on the CPU the operating system's available memory."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cuda":  # free on the device, plus what torch's caching allocator holds but does not use
+        unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0] + unused)
     if device.type == "cpu":
         return int(_cpu_available())
     raise ValueError(f"device: cannot tell the free memory of a {device.type!r} device; pass memory_budget")
@@ -152,7 +154,8 @@ def choose_for_model(model: nn.Module, *, train: str, train_layers: list[int], n
             model.config, budget=budget, budget_source=source, quantize_frozen=quantize_frozen,
             gradient_checkpointing=gradient_checkpointing, seq_len=seq_len, batch_size=batch_size, train=train,
             train_layers=list(train_layers) or [0], neurons=neurons, dtype=dtype, master_weights=master_weights,
-            device="cuda" if param.device.type == "cuda" else "cpu")
+            device="cuda" if param.device.type == "cuda" else "cpu",
+            loss_chunk_bytes=device_chunk_bytes(param.device))
     except (AttributeError, KeyError, TypeError, ValueError) as error:  # a config plan_memory cannot read
         return fallback(f"no memory plan for this model ({error}); pass quantize_frozen='nf4' to save memory")
     return choice.quantize_frozen, choice.gradient_checkpointing, choice.why

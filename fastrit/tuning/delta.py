@@ -10,7 +10,7 @@ A delta is one safetensors file:
   count, hidden and intermediate sizes), checked when the delta is loaded.
 
 The frozen weights are not in it: the delta of a tuned 8B model in ``train="neurons"`` is a few MB, in
-``train="mlp"`` its three MLPs (about 1 GB in bfloat16).
+``train="mlp"`` its three MLPs (about 2 GB: float32 master weights, prepare's default for 16-bit models).
 """
 
 from __future__ import annotations

@@ -15,21 +15,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IGNORE_INDEX", "LOSS_CHUNK_BYTES", "causal_lm_loss", "chunk_positions"]
+__all__ = ["IGNORE_INDEX", "MAX_CHUNK_BYTES", "MIN_CHUNK_BYTES", "causal_lm_loss", "chunk_positions",
+           "loss_chunk_bytes"]
 
 IGNORE_INDEX = -100
-#: default memory budget of one chunk (bytes): at Llama-3's 128,256 vocabulary in bfloat16, 348 positions, so that a
-#: 2048-token batch reads the 1 GB output head 6 times (a fixed 64 MiB of float32 logits read it 16 times)
-LOSS_CHUNK_BYTES = 2**28
+#: a chunk's memory budget (bytes) off a GPU, and the least on one
+MIN_CHUNK_BYTES = 2**26
+#: the most a chunk takes on a GPU
+MAX_CHUNK_BYTES = 2**30
+
+
+def loss_chunk_bytes(device_memory: int | None) -> int:
+    """The default memory budget of one loss chunk on a device of ``device_memory`` bytes: 1/64 of it, between
+    64 MiB and 1 GiB (None, a CPU: 64 MiB). Each chunk reads the whole output head once: Llama-3-8B's 2048
+    positions in bf16 (6 bytes per position and vocabulary entry) take 2 chunks on an 80 GB GPU (1,395 positions
+    each), 5 on a 24 GB one, 9 on a 12 GB one, 24 on the CPU (87 positions)."""
+    if device_memory is None:
+        return MIN_CHUNK_BYTES
+    return int(min(max(device_memory // 64, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES))
+
+
+def device_chunk_bytes(device: torch.device) -> int:
+    """:func:`loss_chunk_bytes` for ``device``: its total memory on a GPU, None elsewhere."""
+    if device.type == "cuda":
+        return loss_chunk_bytes(torch.cuda.get_device_properties(device).total_memory)
+    return loss_chunk_bytes(None)
 
 
 def chunk_positions(vocab_size: int, dtype: torch.dtype, softcap: bool = False,
-                    budget: int = LOSS_CHUNK_BYTES) -> int:
+                    budget: int = MIN_CHUNK_BYTES) -> int:
     """Positions per chunk whose transient memory fits ``budget`` bytes (at least 1): per position, the float32
     logits (softmax and gradient formed in place), in a 16-bit ``dtype`` the head's output before the cast and the
-    gradient cast back for the product, and with soft-capping the float32 derivative of its tanh."""
+    gradient cast back for the product, and with soft-capping the float32 derivative of its tanh and the square it
+    is formed from."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_position = vocab_size * (4 + (itemsize if itemsize != 4 else 0) + (4 if softcap else 0))
+    per_position = vocab_size * (4 + (itemsize if itemsize != 4 else 0) + (8 if softcap else 0))
     return max(1, budget // per_position)
 
 
@@ -112,7 +132,7 @@ def _final_hidden_states(model: nn.Module, inner: nn.Module, input_ids: torch.Te
 
 def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, *, chunk_size: int | None = None,
-                   chunk_bytes: int = LOSS_CHUNK_BYTES,
+                   chunk_bytes: int | None = None,
                    num_items_in_batch: int | torch.Tensor | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over the labelled positions, as transformers' causal-LM loss.
 
@@ -126,9 +146,9 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
             ``t``'s hidden state predicts ``labels[:, t + 1]`` (the shift transformers applies).
         attention_mask: ``[B, T]`` or None.
         chunk_size: labelled positions per pass through the head; default: as many as fit ``chunk_bytes``.
-        chunk_bytes: the memory budget of one chunk when ``chunk_size`` is None (:func:`chunk_positions`; default
-            256 MiB: 348 positions at Llama-3's 128,256 vocabulary in bfloat16). Fewer, larger chunks read the head
-            fewer times.
+        chunk_bytes: the memory budget of one chunk when ``chunk_size`` is None (:func:`chunk_positions`);
+            default :func:`loss_chunk_bytes` of the device's memory (64 MiB on the CPU; on a GPU 1/64 of its memory,
+            at most 1 GiB). Fewer, larger chunks read the head fewer times.
         num_items_in_batch: divide the summed loss by this instead of the number of labelled positions (the
             Trainer's gradient-accumulation normalisation).
 
@@ -143,6 +163,8 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     if not isinstance(head, nn.Linear):
         raise TypeError(f"model: expected an nn.Linear output head, got {type(head).__name__}")
     softcap = getattr(inner.config, "final_logit_softcapping", None)
+    if chunk_bytes is None:
+        chunk_bytes = device_chunk_bytes(head.weight.device)
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise ValueError(f"chunk_bytes: expected a positive number of bytes, got {chunk_bytes!r}")
     if chunk_size is None:

@@ -52,7 +52,7 @@ from torch import nn
 from ..arch import decoder_layers
 from ..memory import BUILT_IN_CONFIGS, DTYPES, GIB, MemoryPlan, meta_model, resolve_config
 from ..nn.mlp_layout import mlp_layout
-from .loss import LOSS_CHUNK_BYTES, chunk_positions
+from .loss import MIN_CHUNK_BYTES, chunk_positions
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, checkpointed_layers, prepare
 
 __all__ = ["BUILT_IN_CONFIGS", "GIB", "PERSISTENT_PARTS", "STEP_PARTS", "MemoryPlan", "plan_memory"]
@@ -95,7 +95,7 @@ def plan_memory(
     master_weights: bool = True,
     lora_r: int = 8,
     loss: str = "chunked",
-    loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
+    loss_chunk_bytes: int | None = None,
     device: str = "cuda",
 ) -> MemoryPlan:
     """The memory one training step of a prepared model takes (see the module docstring).
@@ -108,7 +108,9 @@ def plan_memory(
         lora_r: ``train="lora"``: the adapters' rank.
         loss: "chunked" (fastrit.tuning.causal_lm_loss, what NeuroRITTrainer uses) or "model" (the model's own
             loss: the whole ``[B, T, V]`` float32 logits, their log-softmax and their gradient).
-        loss_chunk_bytes: the chunked loss's memory budget per chunk (causal_lm_loss's ``chunk_bytes``).
+        loss_chunk_bytes: the chunked loss's memory budget per chunk (causal_lm_loss's ``chunk_bytes``); default
+            64 MiB, causal_lm_loss's on the CPU (on a GPU it takes 1/64 of the device's memory, at most 1 GiB: pass
+            ``fastrit.tuning.loss.loss_chunk_bytes(device memory)``, as the "auto" settings do).
         device: "cuda" or "cpu": where the step runs (bitsandbytes' 8-bit AdamW needs a float32 workspace on CPU).
     """
     config = resolve_config(config)
@@ -121,6 +123,12 @@ def plan_memory(
         raise ValueError(f"quantize_frozen: expected one of {QUANTIZE_MODES}, got {quantize_frozen!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {OPTIMIZERS}, got {optimizer!r}")
+    if not isinstance(gradient_checkpointing, bool):
+        raise ValueError(f"gradient_checkpointing: expected True or False, got {gradient_checkpointing!r}")
+    if not isinstance(master_weights, bool):
+        raise ValueError(f"master_weights: expected True or False, got {master_weights!r}")
+    if loss_chunk_bytes is None:
+        loss_chunk_bytes = MIN_CHUNK_BYTES
     if isinstance(loss_chunk_bytes, bool) or not isinstance(loss_chunk_bytes, int) or loss_chunk_bytes < 1:
         raise ValueError(f"loss_chunk_bytes: expected a positive number of bytes, got {loss_chunk_bytes!r}")
     if loss not in ("chunked", "model"):
@@ -180,11 +188,16 @@ def plan_memory(
             saved += tokens * size * 3 * neurons  # its chosen neurons' gate, up and activation, beside its MLP input
     else:
         saved = backward_layers * per_layer
+    if train == "lora" and master != size:  # PEFT casts each adapted projection's input to the float32 adapters'
+        # dtype, and lora_A keeps that copy: the gate and up inputs [T, H] and the down input [T, I] per target layer
+        inputs = 2 if mlp_layout(model).gated else 1
+        lora_inputs = tokens * 4 * (inputs * hidden + intermediate)
+        saved += lora_inputs * (1 if gradient_checkpointing else len(train_layers))
     vocab = config.vocab_size
     softcap = bool(getattr(config, "final_logit_softcapping", None))
     if loss == "chunked":  # one chunk (fastrit.tuning.loss.chunk_positions) and the hidden-state gradient
         chunk = min(chunk_positions(vocab, torch_dtype, softcap, loss_chunk_bytes), tokens)
-        logits = chunk * vocab * (4 + (size if size != 4 else 0) + (4 if softcap else 0)) + tokens * hidden * size
+        logits = chunk * vocab * (4 + (size if size != 4 else 0) + (8 if softcap else 0)) + tokens * hidden * size
     else:
         logits = 3 * tokens * vocab * 4 + (tokens * vocab * size if size != 4 else 0)
     breakdown = {
@@ -225,8 +238,10 @@ def _weight_copies(model: nn.Module, head: nn.Module | None, train: str, train_l
         total = 0
         for module_name, module in layer.named_modules():
             for name, tensor in module.named_parameters(recurse=False):
-                if tensor.requires_grad:  # LoRA's float32 adapters take a float32 input instead (PEFT)
-                    total += tensor.numel() * size if cast and train != "lora" else 0
+                if tensor.requires_grad:  # LoRA's float32 adapters take a float32 input instead (PEFT); the
+                    # lowest layer's input rows multiply an input that needs no gradient: their cast is not kept
+                    kept = cast and train != "lora" and not (index == lowest and name in ("in_weight", "in_bias"))
+                    total += tensor.numel() * size if kept else 0
                 elif nf4 and _is_projection(module, name, head):
                     largest = max(largest, tensor.numel() * size)
                     # in the lowest target layer nothing frozen below the trainable tensors needs a gradient; with

@@ -4,9 +4,10 @@
 - ``train="mlp"``: the MLPs of the target layers are trainable (every kept neuron, and the output bias);
   ``train="neurons"``: only the chosen neurons of the target layers (their input rows and biases, output
   columns); ``train="lora"``: PEFT LoRA adapters on the target layers' MLP projections.
-- Everything else is frozen. ``quantize_frozen="auto"`` (the default) keeps the model's dtype when a training step
-  fits the device's memory unquantized (:func:`fastrit.tuning.auto.choose_quantization`) and quantizes only when
-  it must; with ``quantize_frozen="nf4"`` every frozen linear layer of the decoder becomes a
+- Everything else is frozen. ``quantize_frozen="auto"`` and ``gradient_checkpointing="auto"`` (the defaults) keep
+  the model's dtype and no checkpointing when a training step fits the device's memory so, and save memory only as
+  far as they must (:func:`fastrit.tuning.auto.choose_settings`); with ``quantize_frozen="nf4"`` every frozen
+  linear layer of the decoder becomes a
   :class:`fastrit.nn.NF4Linear` (bitsandbytes' format, fastrit's kernels), LoRA's base layers included (QLoRA).
   Embeddings and the output head keep their dtype. A model loaded in 4 bits through transformers'
   ``BitsAndBytesConfig`` is taken as it is: its bitsandbytes layers are adopted as NF4Linear holding the same
@@ -184,7 +185,7 @@ def prepare(
         master_weights: keep the trainable tensors of a bfloat16/float16 model in float32 (the forward pass casts
             them to the model's dtype), so that updates smaller than a 16-bit rounding step are not lost; the
             optimizer then holds float32 states. False: in the model's dtype.
-        planned_batch: ``(batch size, sequence length)`` of training, for ``quantize_frozen="auto"``.
+        planned_batch: ``(batch size, sequence length)`` of training, for the "auto" settings.
         check_prompts: a few prompts (a batch dict with ``input_ids`` / ``attention_mask``, or token id lists) on
             which the effect of deactivation and quantization is measured (see the module docstring).
         deactivation_tolerance: with ``check_prompts`` and a ``deactivate`` set name of ``neuron_sets``: the largest
@@ -264,7 +265,10 @@ def prepare(
     skeleton = meta_copy(model)
     if skeleton is not None:
         _modify(skeleton, **plan, quantize=False)
-    quantize_reason = "as asked"
+    if not getattr(model, "supports_gradient_checkpointing", False) and gradient_checkpointing == "auto":
+        gradient_checkpointing = False  # nothing to choose: the model cannot checkpoint
+    quantize_reason = (f"{'NF4' if quantize_frozen == 'nf4' else 'dtype'} frozen layers, "
+                       f"{'' if gradient_checkpointing else 'no '}checkpointing: as asked")
     if "auto" in (quantize_frozen, gradient_checkpointing):
         quantize_frozen, gradient_checkpointing, quantize_reason = _choose_settings(
             model, train, train_layers, trainable, quantize_frozen, gradient_checkpointing, master_weights,
@@ -284,6 +288,8 @@ def prepare(
         model.is_loaded_in_4bit = False
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
         enable_checkpointing(model, train_layers, train)
+    else:
+        disable_checkpointing(model)  # also what a user enabled before: the settings say none
     settings = {"deactivate": deactivate if isinstance(deactivate, str | None) else "explicit",
                 "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
                 "quantize_frozen": quantize_frozen, "quantize_reason": quantize_reason,
@@ -310,13 +316,12 @@ def _choose_settings(model, train, train_layers, trainable, quantize_frozen, gra
     neurons = max(1, max((len(v) for v in trainable.values()), default=1)) if train == "neurons" else None
     quantize, checkpointing, why = choose_for_model(
         model, train=train, train_layers=train_layers, neurons=neurons,
-        quantize_frozen="nf4" if four_bit else quantize_frozen,  # planned as it is stored
+        quantize_frozen="nf4" if four_bit else quantize_frozen,  # planned as 4-bit throughout (an approximation)
         gradient_checkpointing=gradient_checkpointing, master_weights=master_weights, memory_budget=memory_budget,
         planned_batch=tuple(planned_batch))
-    if four_bit:  # 4-bit layers are adopted as they are; with "auto", frozen weights that are dense (e.g. a target
-        # layer's frozen neurons) are quantized alike, as planned
-        return ("nf4" if quantize_frozen == "auto" else quantize_frozen), checkpointing, (
-            "the model is 4-bit already (its layers adopted as they are); " + why)
+    if four_bit and quantize_frozen == "auto":  # taken as it is: its 4-bit layers adopted, the layers the user
+        # kept dense (e.g. BitsAndBytesConfig's llm_int8_skip_modules) left dense
+        return None, checkpointing, "the model is 4-bit already (taken as it is, planned as NF4); " + why
     return quantize, checkpointing, why
 
 
@@ -435,13 +440,36 @@ def enable_checkpointing(model: nn.Module, train_layers: list[int], train: str) 
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:  # transformers releases before activation_checkpointing_enable
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
+    remove_input_grad_hooks(model)
     layers = decoder_layers(model)
     keep = checkpointed_layers(len(layers), train_layers, train)
     for index, layer in enumerate(layers):
         if hasattr(layer, "gradient_checkpointing"):  # transformers' GradientCheckpointingLayer: a per-layer switch
             layer.gradient_checkpointing = index in keep
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Gradient checkpointing off, with the input-embedding hook transformers adds with it (a model on which a user
+    called ``gradient_checkpointing_enable``); a no-op on a model that has neither."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        if model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif getattr(model, "is_gradient_checkpointing", False):  # transformers releases before the rename
+        model.gradient_checkpointing_disable()
+    remove_input_grad_hooks(model)
+
+
+def remove_input_grad_hooks(model: nn.Module) -> None:
+    """Remove the forward hooks transformers' ``enable_input_require_grads`` put on the input embeddings (the
+    output made to require grad, which carries backward down to them). ``disable_input_require_grads`` forgets a
+    hook when that method was called twice (a user's call and one inside ``gradient_checkpointing_enable``), so
+    the hooks are also found on the embeddings by their function's name."""
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hooks = getattr(embeddings, "_forward_hooks", {})
+    for key in [k for k, hook in hooks.items() if getattr(hook, "__name__", "") == "make_inputs_require_grads"]:
+        del hooks[key]
 
 
 def checkpointed_layers(num_layers: int, train_layers: list[int], train: str) -> set[int]:

@@ -33,7 +33,7 @@ from ..data.turns import resolve_template
 from ..mining import NeuronSets
 from .delta import save_delta
 from .effect import ModelChange
-from .loss import LOSS_CHUNK_BYTES, causal_lm_loss
+from .loss import causal_lm_loss
 from .metrics import answer_loss, answer_loss_after_evidence, answer_loss_over_own_evidence
 from .prepare import PREPARATION_ATTR, prepare, prepare_on_meta
 from .stages import STAGES, collate, stage_data
@@ -56,7 +56,7 @@ class NeuroRITTrainer(transformers.Trainer):
     """A transformers Trainer for a model prepared by :func:`fastrit.prepare` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, args: transformers.TrainingArguments, *, loss_chunk_size: int | None = None,
-                 loss_chunk_bytes: int = LOSS_CHUNK_BYTES, **kwargs) -> None:
+                 loss_chunk_bytes: int | None = None, **kwargs) -> None:
         if getattr(model, PREPARATION_ATTR, None) is None:
             raise ValueError("model: prepare it with fastrit.prepare first (NeuroRITTrainer trains prepared models)")
         if args.gradient_checkpointing:
@@ -179,7 +179,7 @@ def tune(
     template: str | None = None,
     max_length: int | None = None,
     loss_chunk_size: int | None = None,
-    loss_chunk_bytes: int = LOSS_CHUNK_BYTES,
+    loss_chunk_bytes: int | None = None,
     progress: bool = True,
     callbacks: Sequence[transformers.TrainerCallback] | None = None,
     eval_data: RagData | None = None,
@@ -229,6 +229,9 @@ def tune(
         raise ValueError(f"stages: expected distinct names among {STAGES}, got {stages!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer: expected one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+    if loss_chunk_bytes is not None and (isinstance(loss_chunk_bytes, bool) or not isinstance(loss_chunk_bytes, int)
+                                         or loss_chunk_bytes < 1):
+        raise ValueError(f"loss_chunk_bytes: expected None or a positive number of bytes, got {loss_chunk_bytes!r}")
     if not isinstance(data, RagData):
         raise TypeError(f"data: expected fastrit.data.RagData, got {type(data).__name__}")
     template = resolve_template(tokenizer, template)  # recorded resolved: mining, tuning and evaluation agree

@@ -81,13 +81,13 @@ def test_the_head_sees_one_chunk_of_labelled_positions_at_a_time(monkeypatch):
 @pytest.mark.parametrize("dtype, softcap", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
 def test_the_default_chunk_is_sized_by_its_memory_budget(monkeypatch, dtype, softcap):
     """Without chunk_size, a chunk holds as many positions as fit chunk_bytes at the chunk's bytes per position
-    (float32 logits, plus the 16-bit head output and gradient, plus the soft-cap derivative)."""
+    (float32 logits, plus the 16-bit head output and gradient, plus the soft-cap derivative and its square)."""
     from fastrit.tuning import loss as loss_module
 
     model = build_tiny_model("gemma2" if softcap else "llama").to(dtype)
     ids, labels, mask = _batch()
     head = model.get_output_embeddings().weight
-    per_position = VOCAB * (4 + (2 if dtype == torch.bfloat16 else 0) + (4 if softcap else 0))
+    per_position = VOCAB * (4 + (2 if dtype == torch.bfloat16 else 0) + (8 if softcap else 0))
     assert loss_module.chunk_positions(VOCAB, dtype, softcap, 3 * per_position + per_position - 1) == 3
     rows, linear = [], torch.nn.functional.linear
 

@@ -55,7 +55,7 @@ def test_auto_takes_the_first_setting_that_fits_in_order(fits):
                                planned_batch=(2, 64))
     settings = prepared.fastrit_preparation.settings
     assert (settings["quantize_frozen"], settings["gradient_checkpointing"]) == want
-    assert model.is_gradient_checkpointing == want[1]
+    assert model.is_activation_checkpointing == want[1]
     assert any(isinstance(m, NF4Linear) for m in prepared.modules()) == (want[0] == "nf4")
     assert "fits memory_budget" in settings["quantize_reason"]
 
@@ -87,7 +87,7 @@ def test_explicit_settings_win_over_auto():
     prepared = fastrit.prepare(model, deactivate=None, train_layers=[1], quantize_frozen="nf4",
                                gradient_checkpointing=False)
     assert any(isinstance(m, NF4Linear) for m in prepared.modules())
-    assert prepared.fastrit_preparation.settings["quantize_reason"] == "as asked"
+    assert prepared.fastrit_preparation.settings["quantize_reason"] == "NF4 frozen layers, no checkpointing: as asked"
 
 
 def _logprobs(logits):
@@ -250,9 +250,10 @@ def test_a_warning_raised_as_an_error_leaves_the_model_recorded_as_prepared():
         fastrit.prepare(model, deactivate=None, train_layers=[1])
 
 
-def test_auto_on_a_model_already_in_nf4_quantizes_the_rest_alike():
-    """A model whose frozen layers are NF4 already (as benchmarks/bench_8b_cpu builds one): "auto" plans it in NF4
-    and quantizes the target layers' frozen neurons too, so that the model is what the plan counted."""
+def test_auto_takes_a_model_already_in_4_bits_as_it_is():
+    """A model whose frozen layers are NF4 already (as benchmarks/bench_8b_cpu builds one, or BitsAndBytesConfig
+    loads one, maybe with layers it keeps dense): "auto" quantizes nothing more (the dense layers stay as the user
+    left them) and chooses checkpointing from a plan in NF4."""
     from fastrit.arch import decoder_layers
     from fastrit.nn import NeuronMLP
 
@@ -264,6 +265,22 @@ def test_auto_on_a_model_already_in_nf4_quantizes_the_rest_alike():
     prepared = fastrit.prepare(model, deactivate=None, train_layers=[1], train="neurons", neurons={1: [0, 3]},
                                memory_budget=2**40, planned_batch=(2, 64))
     settings = prepared.fastrit_preparation.settings
-    assert settings["quantize_frozen"] == "nf4" and settings["quantize_reason"].startswith("the model is 4-bit")
-    mlp = decoder_layers(prepared)[1].mlp
-    assert isinstance(mlp, NeuronMLP) and all(isinstance(m, NF4Linear) for m in [*mlp.frozen_in, mlp.frozen_out])
+    assert settings["quantize_frozen"] is None and settings["quantize_reason"].startswith("the model is 4-bit")
+    assert "NF4 frozen layers, no checkpointing" in settings["quantize_reason"]
+    layers = decoder_layers(prepared)
+    assert type(layers[0].self_attn.q_proj) is torch.nn.Linear  # the user's dense layers: dense
+    mlp = layers[1].mlp
+    assert isinstance(mlp, NeuronMLP) and all(type(m) is torch.nn.Linear for m in [*mlp.frozen_in, mlp.frozen_out])
+
+
+def test_checkpointing_a_user_enabled_is_undone_when_the_settings_say_none():
+    model = build_tiny_model("llama")
+    model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    prepared = fastrit.prepare(model, deactivate=None, train_layers=[2], memory_budget=2**40,
+                               planned_batch=(2, 64))
+    assert prepared.fastrit_preparation.settings["gradient_checkpointing"] is False
+    assert not prepared.is_activation_checkpointing
+    ids = torch.tensor([[3, 4, 5, 6]])
+    hidden = prepared.model(ids, output_hidden_states=True).hidden_states
+    assert not hidden[1].requires_grad  # layer 0's output: backward stops at the target layer

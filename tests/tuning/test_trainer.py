@@ -161,7 +161,7 @@ def test_a_resumed_run_makes_prepares_choices_as_the_interrupted_run_made_them(t
     monkeypatch.setattr("fastrit.tuning.auto.choose_for_model", lambda *a, **k: ("nf4", True, "pretend: no memory"))
     monkeypatch.setattr(sys.modules["fastrit.tuning.prepare"], "limit_deactivation", choose_again)
     resumed, _ = _tune(tmp_path / "cut", **auto)
-    assert not any(isinstance(m, NF4Linear) for m in resumed.modules()) and not resumed.is_gradient_checkpointing
+    assert not any(isinstance(m, NF4Linear) for m in resumed.modules()) and not resumed.is_activation_checkpointing
     assert {str(layer): v.tolist() for layer, v in resumed.fastrit_preparation.deactivated.items()} \
         == prepared["deactivated"]
     for name, param in whole.named_parameters():
