@@ -466,6 +466,7 @@ def tuning_row(spec: dict, setting: dict) -> dict:
 
     import fastrit
     from fastrit.tuning import causal_lm_loss
+    from fastrit.tuning.loss import device_chunk_bytes
 
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
@@ -521,7 +522,8 @@ def tuning_row(spec: dict, setting: dict) -> dict:
     plan = fastrit.plan_memory(config, seq_len=spec["seq"], batch_size=spec["batch"], train="mlp",
                                train_layers=list(spec["train_layers"]), quantize_frozen=setting["quantize_frozen"],
                                gradient_checkpointing=setting["gradient_checkpointing"], dtype=spec["dtype"],
-                               optimizer=optimizer_name, device=spec["device"])
+                               optimizer=optimizer_name, device=spec["device"],
+                               loss_chunk_bytes=device_chunk_bytes(device))  # what causal_lm_loss took
     median = {name: statistics.median(t[index] for t in timed)
               for index, name in enumerate(("forward_s", "backward_s", "optimizer_s"))}
     step_s = statistics.median(sum(t[:3]) for t in timed)

@@ -110,7 +110,8 @@ def load_delta(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     train = settings["train"]
     kwargs = dict(deactivate=_indices(tensors, "deactivated.") or None, train_layers=meta["train_layers"],
                   train=train, quantize_frozen=settings["quantize_frozen"],
-                  gradient_checkpointing=settings["gradient_checkpointing"])
+                  gradient_checkpointing=settings["gradient_checkpointing"],
+                  master_weights=settings.get("master_weights", False))  # deltas before master weights: none
     if train == "neurons":
         kwargs["neurons"] = _indices(tensors, "trainable_neurons.")
     if train == "lora":

@@ -466,7 +466,10 @@ def remove_input_grad_hooks(model: nn.Module) -> None:
     the hooks are also found on the embeddings by their function's name."""
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):  # a model that does not expose them: no hook either
+        return
     hooks = getattr(embeddings, "_forward_hooks", {})
     for key in [k for k, hook in hooks.items() if getattr(hook, "__name__", "") == "make_inputs_require_grads"]:
         del hooks[key]
