@@ -168,13 +168,21 @@ def add_memory_arguments(group, quantize_flag: str, default_budget: str) -> None
                        help="train a bf16/fp16 model's tensors in its dtype, not as float32 master weights")
 
 
-def checkpointing_setting(args: argparse.Namespace) -> bool | str:
-    """fastrit.prepare's ``gradient_checkpointing`` from ``--checkpointing`` / ``--no-checkpointing``."""
+def memory_settings(args: argparse.Namespace, quantize: str,
+                    quantize_flag: str) -> tuple[str | None, bool | str, int | None]:
+    """``(quantize_frozen, gradient_checkpointing, memory_budget in bytes or None)`` from :func:`add_memory_arguments`'
+    options, ``quantize`` being the value of ``quantize_flag`` ("auto", "nf4" or "none"); checked."""
     if args.no_checkpointing and args.checkpointing != "auto":
         raise ValueError(f"--no-checkpointing: conflicts with --checkpointing {args.checkpointing}; give one of them")
-    if args.no_checkpointing:
-        return False
-    return {"auto": "auto", "on": True, "off": False}[args.checkpointing]
+    checkpointing = False if args.no_checkpointing else {"auto": "auto", "on": True, "off": False}[args.checkpointing]
+    budget = None
+    if args.memory_budget is not None:
+        if "auto" not in (quantize, checkpointing):
+            raise ValueError(f"--memory-budget: only the 'auto' settings ({quantize_flag}, --checkpointing) use it")
+        if not math.isfinite(args.memory_budget) or args.memory_budget <= 0:
+            raise ValueError(f"--memory-budget: expected a positive number of GiB, got {args.memory_budget}")
+        budget = int(args.memory_budget * 2**30)
+    return (None if quantize == "none" else quantize), checkpointing, budget
 
 
 def prepare_settings(args: argparse.Namespace):
@@ -190,16 +198,12 @@ def prepare_settings(args: argparse.Namespace):
         raise ValueError("--train-layers: give the layers to train, or --neuron-sets to take its target layers")
     if args.no_quantize and args.quantize != "auto":
         raise ValueError(f"--no-quantize: conflicts with --quantize {args.quantize}; give one of them")
-    quantize = "none" if args.no_quantize else args.quantize
-    checkpointing = checkpointing_setting(args)
-    if args.memory_budget is not None and "auto" not in (quantize, checkpointing):
-        raise ValueError("--memory-budget: only the 'auto' settings (--quantize, --checkpointing) use it")
-    kwargs = dict(train=args.train, quantize_frozen=None if quantize == "none" else quantize,
-                  gradient_checkpointing=checkpointing, master_weights=not args.no_master_weights)
-    if args.memory_budget is not None:
-        if not math.isfinite(args.memory_budget) or args.memory_budget <= 0:
-            raise ValueError(f"--memory-budget: expected a positive number of GiB, got {args.memory_budget}")
-        kwargs["memory_budget"] = int(args.memory_budget * 2**30)
+    quantize, checkpointing, budget = memory_settings(args, "none" if args.no_quantize else args.quantize,
+                                                      "--quantize")
+    kwargs = dict(train=args.train, quantize_frozen=quantize, gradient_checkpointing=checkpointing,
+                  master_weights=not args.no_master_weights)
+    if budget is not None:
+        kwargs["memory_budget"] = budget
     if args.train_layers is not None:
         kwargs["train_layers"] = args.train_layers
     if sets is None:

@@ -4,7 +4,6 @@ take)."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 
@@ -14,9 +13,9 @@ from ._common import (
     add_memory_arguments,
     add_model_arguments,
     add_prepare_arguments,
-    checkpointing_setting,
     load_data,
     load_model,
+    memory_settings,
     prepare_settings,
     steps_argument,
 )
@@ -179,12 +178,9 @@ def run_plan(args: argparse.Namespace) -> None:
     common = dict(seq_len=args.seq_len, batch_size=args.batch_size, train=args.train,
                   train_layers=args.train_layers, neurons=args.neurons, dtype=args.dtype, device=args.device)
     common["master_weights"] = not args.no_master_weights
-    quantize = {"auto": "auto", "nf4": "nf4", "none": None}[args.quantize_frozen]
-    checkpointing = checkpointing_setting(args)
-    if args.memory_budget is not None and "auto" not in (quantize, checkpointing):
-        raise ValueError("--memory-budget: only the 'auto' settings (--quantize-frozen, --checkpointing) use it")
+    quantize, checkpointing, budget = memory_settings(args, args.quantize_frozen, "--quantize-frozen")
     if "auto" in (quantize, checkpointing):
-        budget, source = _plan_budget(args)
+        budget, source = _plan_budget(args.device, budget)
         if budget and args.device == "cuda":  # the loss chunk causal_lm_loss takes on a GPU of that memory
             common["loss_chunk_bytes"] = loss_chunk_bytes(budget)
         choice = choose_settings(config, budget=budget, budget_source=source, quantize_frozen=quantize,
@@ -205,20 +201,18 @@ def run_plan(args: argparse.Namespace) -> None:
     print(f"{'peak':<{width}}  {ours.peak_gib:7.3f} GiB  {plain.peak_gib:7.3f} GiB")
 
 
-def _plan_budget(args: argparse.Namespace) -> tuple[int, str]:
+def _plan_budget(device: str, memory_budget: int | None) -> tuple[int, str]:
     """``(bytes, where they come from)`` for ``fastrit plan``'s "auto" settings (see ``--memory-budget``)."""
     import torch
 
     from ..tuning.auto import FIT_MARGIN, available_memory, size_text
 
-    if args.memory_budget is not None:
-        if not math.isfinite(args.memory_budget) or args.memory_budget <= 0:
-            raise ValueError(f"--memory-budget: expected a positive number of GiB, got {args.memory_budget}")
-        return int(args.memory_budget * 2**30), f"--memory-budget {args.memory_budget:g} GiB"
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if memory_budget is not None:
+        return memory_budget, f"--memory-budget {size_text(memory_budget)}"
+    if device == "cuda" and not torch.cuda.is_available():
         return 0, "no budget (no --memory-budget, and no CUDA device here)"
-    budget = int(FIT_MARGIN * available_memory(torch.device(args.device)))
-    return budget, f"the free {args.device} memory here ({size_text(budget)}, x{FIT_MARGIN})"
+    budget = int(FIT_MARGIN * available_memory(torch.device(device)))
+    return budget, f"the free {device} memory here ({size_text(budget)}, x{FIT_MARGIN})"
 
 
 def _print_attribution_plan(args: argparse.Namespace, config) -> None:
