@@ -80,7 +80,7 @@ SMOKE_BUDGETS = {"environment": 30.0, "gpu_test": 40.0, "attribution": 80.0, "ke
 NEEDS_CUDA = ("gpu_test", "attribution", "kernels", "tuning")
 
 #: the compile guard of the Triton and CUDA kernels: no GPU needed (it runs in `make test`), minutes of compiling
-COMPILE_GUARD = ("tests/kernels/test_triton_kernels.py::"
+COMPILE_GUARD = ("tests/kernels/test_triton_package.py::"
                  "test_every_kernel_compiles_for_sm80_and_sm90_without_spills_or_oversized_grids")
 #: the smoke form's gpu-marked tests (skipped without a GPU: the command, the skips and the parsing run)
 SMOKE_GPU_TESTS = ("tests/attribution/test_gpu.py",)

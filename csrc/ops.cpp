@@ -1,8 +1,8 @@
 // The schemas of every fastrit op (the one TORCH_LIBRARY block) and the Python module fastrit._C.
 //
-// Kernels register per backend in csrc/cpu/*.cpp (CPU) and csrc/cuda/fastrit_cuda.cu (CUDA); the fake
-// (meta) kernels and autograd live in Python (fastrit/ops/_library.py). Semantics of every op: the
-// PyTorch oracle fastrit/ops/reference.py.
+// Kernels register per backend, one file per op family: csrc/cpu/<op>_cpu.cpp (CPU) and csrc/cuda/<op>_cuda.cu
+// (CUDA; csrc/cuda/ig_cuda.cu also defines cuda_archs); the fake (meta) kernels and autograd live in Python
+// (fastrit/ops/_library.py). Semantics of every op: the PyTorch oracle fastrit/ops/reference.py.
 
 #include <Python.h>
 

@@ -4,7 +4,7 @@
 """
 
 from . import data
-from .arch import FAMILIES, ArchSpec, resolve_arch
+from .arch import FAMILIES, ArchSpec, MLPLayout, resolve_arch
 from .attribution import METHODS, NeuronAttribution, attribute, attribute_reference, plan_attribution
 from .evaluate import evaluate
 from .mining import NeuronSets, mine
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ArchSpec",
+    "MLPLayout",
     "FAMILIES",
     "METHODS",
     "MemoryPlan",

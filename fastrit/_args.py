@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["integer", "is_integer", "number", "positive"]
+__all__ = ["flag", "integer", "is_integer", "number", "one_of", "positive"]
 
 
 def is_integer(value: Any) -> bool:
@@ -70,4 +70,20 @@ def number(name: str, value: Any, *, low: float, high: float, low_open: bool = T
     below = value < high if high_open else value <= high
     if not (above and below):
         raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return value
+
+
+def one_of(name: str, value: Any, choices: Any, *, what: str | None = None) -> Any:
+    """``value`` itself when it is in ``choices``; else ``ValueError("<name>: expected <what>, got <value!r>")``,
+    ``what`` by default "one of <choices>"."""
+    if value not in choices:
+        raise ValueError(f"{name}: expected {what or f'one of {choices}'}, got {value!r}")
+    return value
+
+
+def flag(name: str, value: Any, *, type_error: bool = False) -> bool:
+    """``value`` itself when it is True or False; else ``ValueError("<name>: expected True or False, got
+    <value!r>")`` (TypeError with ``type_error``)."""
+    if not isinstance(value, bool):
+        raise (TypeError if type_error else ValueError)(f"{name}: expected True or False, got {value!r}")
     return value

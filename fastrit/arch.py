@@ -1,26 +1,59 @@
-"""Where each transformers model family keeps its decoder layers and its MLP neuron site.
+"""Where each transformers model family keeps its decoder layers, its MLP neuron site and its MLP's projections.
 
 The *neuron site* of layer ``l`` is the input of that layer's MLP output projection (gated MLPs:
 ``act(gate) * up``, the input of ``down_proj``; GPT-2: the input of ``c_proj``; GPT-NeoX: the input
 of ``dense_4h_to_h``). Neuron ``i`` of layer ``l`` is column ``i`` there.
 
-A model is described by an :class:`ArchSpec` (module paths, relative to ``model.base_model``);
-:func:`resolve_arch` finds the spec of a known family or takes one given explicitly and returns a
-:class:`ModelArch` holding the live modules.
+A model is described by an :class:`ArchSpec` (module paths, relative to ``model.base_model``, and the MLP's
+:class:`MLPLayout`); :data:`FAMILIES` is the one registry of the families fastrit knows. :func:`model_spec` finds the
+spec of a model (given, recorded by :func:`fastrit.prepare`, or its family's), :func:`resolve_arch` returns a
+:class:`ModelArch` holding the live modules, :func:`dense_weight` reads any linear projection's weight.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 __all__ = [
-    "ArchSpec", "ModelArch", "FAMILIES", "decoder_layers", "is_bnb_4bit", "is_conv1d", "resolve_arch", "linear_weight",
-    "max_positions",
+    "ArchSpec", "FAMILIES", "MLPLayout", "ModelArch", "SPEC_ATTR", "decoder_layers", "dense_weight", "is_bnb_4bit",
+    "is_conv1d", "linear_weight", "max_positions", "mlp_layout", "mlp_of", "model_spec", "resolve_arch", "set_mlp",
+    "spec_from_json", "spec_to_json",
 ]
+
+#: the attribute fastrit.prepare sets on a model prepared with an explicit ``spec`` (read by :func:`model_spec`)
+SPEC_ATTR = "fastrit_arch_spec"
+
+
+@dataclass(frozen=True)
+class MLPLayout:
+    """The attribute names inside one MLP module (what :func:`fastrit.prepare` rebuilds and export writes back).
+
+    Neuron ``i`` owns row ``i`` of every input projection, its bias entries, and column ``i`` of the output
+    projection.
+
+    Attributes:
+        inputs: the input projections, in the order the activation takes them (gated: gate, up; plain: fc).
+        output: the output projection.
+        act: the activation module's attribute name.
+        conv1d: GPT-2's Conv1D layers (weights stored ``[in, out]``).
+        fused: one input projection holding gate rows then up rows (Phi-3's ``gate_up_proj``).
+        dropout: the dropout applied to the MLP output, if any (GPT-2).
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    act: str
+    conv1d: bool = False
+    fused: bool = False
+    dropout: str | None = None
+
+    @property
+    def gated(self) -> bool:
+        return self.fused or len(self.inputs) == 2
 
 
 @dataclass(frozen=True)
@@ -52,6 +85,9 @@ class ArchSpec:
             (GPT-Neo's local attention).
         layer_returns_tuple: whether a decoder layer returns a tuple whose first item is the hidden states
             (GPT-Neo) rather than the hidden states themselves.
+        mlp: the MLP's projections, for :func:`fastrit.prepare`, deltas and export (attribution and mining need only
+            the paths above); None for a spec that serves attribution only. The MLP module is the parent of
+            ``mlp_out`` (:attr:`mlp_path`), so ``mlp_out`` must end with ``"." + mlp.output``.
     """
 
     layers: str
@@ -63,6 +99,20 @@ class ArchSpec:
     bidirectional: bool = False
     pack_rows: bool = True
     layer_returns_tuple: bool = False
+    mlp: MLPLayout | None = None
+
+    def __post_init__(self) -> None:
+        if self.mlp is not None:
+            if not isinstance(self.mlp, MLPLayout):
+                raise TypeError(f"mlp: expected fastrit.MLPLayout or None, got {type(self.mlp).__name__}")
+            if not self.mlp_out.endswith("." + self.mlp.output):
+                raise ValueError(f"mlp: its output {self.mlp.output!r} must be the last part of mlp_out "
+                                 f"{self.mlp_out!r} (the MLP module is mlp_out's parent)")
+
+    @property
+    def mlp_path(self) -> str:
+        """Dotted path inside one decoder layer to the MLP module (the parent of ``mlp_out``)."""
+        return self.mlp_out.rpartition(".")[0]
 
     @property
     def attributes_linearly(self) -> bool:
@@ -70,25 +120,32 @@ class ArchSpec:
         return self.additive_mlp and not self.site and not self.bidirectional
 
 
-_GATED = ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm")
-_GATED_POST_NORM = ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm", additive_mlp=False)
+_GATED_MLP = MLPLayout(inputs=("gate_proj", "up_proj"), output="down_proj", act="act_fn")
+_GATED = ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm", mlp=_GATED_MLP)
+_GATED_POST_NORM = ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm", additive_mlp=False,
+                            mlp=_GATED_MLP)
 
-#: model_type (``model.config.model_type``) -> spec, for the families fastrit recognises.
+#: model_type (``model.config.model_type``) -> spec, for the families fastrit recognises: the one place a family is
+#: described (layers, neuron site, MLP layout). A new family is one more entry (or a ``spec=`` argument).
 FAMILIES: dict[str, ArchSpec] = {
     "llama": _GATED,
     "mistral": _GATED,
     "qwen2": _GATED,
     "qwen3": _GATED,
     "gemma": _GATED,
-    "phi3": _GATED,
+    "phi3": ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm",
+                     mlp=MLPLayout(inputs=("gate_up_proj",), output="down_proj", act="activation_fn", fused=True)),
     "gemma2": _GATED_POST_NORM,
     "gemma3_text": _GATED_POST_NORM,
-    "gpt2": ArchSpec(layers="h", mlp_out="mlp.c_proj", final_norm="ln_f"),
-    "gpt_neox": ArchSpec(layers="layers", mlp_out="mlp.dense_4h_to_h", final_norm="final_layer_norm"),
+    "gpt2": ArchSpec(layers="h", mlp_out="mlp.c_proj", final_norm="ln_f",
+                     mlp=MLPLayout(inputs=("c_fc",), output="c_proj", act="act", conv1d=True, dropout="dropout")),
+    "gpt_neox": ArchSpec(layers="layers", mlp_out="mlp.dense_4h_to_h", final_norm="final_layer_norm",
+                         mlp=MLPLayout(inputs=("dense_h_to_4h",), output="dense_4h_to_h", act="act")),
 }
 
 _SPEC_EXAMPLE = (
-    'fastrit.ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm", additive_mlp=True) '
+    'fastrit.ArchSpec(layers="layers", mlp_out="mlp.down_proj", final_norm="norm", additive_mlp=True, '
+    'mlp=fastrit.MLPLayout(inputs=("gate_proj", "up_proj"), output="down_proj", act="act_fn")) '
     "(paths relative to model.base_model)"
 )
 
@@ -178,16 +235,29 @@ def _unsupported(model: nn.Module, why: str) -> ValueError:
     )
 
 
-def _find_layers(model: nn.Module, spec: ArchSpec | None) -> tuple[ArchSpec, nn.Module, nn.ModuleList]:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
+def model_spec(model: nn.Module, spec: ArchSpec | None = None) -> ArchSpec:
+    """The spec of ``model``: ``spec`` when given, else the one :func:`fastrit.prepare` recorded on it (a model
+    prepared with an explicit spec), else its family's in :data:`FAMILIES` (``config.model_type``).
+
+    Raises TypeError for a ``spec`` that is not an ArchSpec, ValueError (listing the families and showing how to
+    pass a spec) for an unknown family without one.
+    """
     if spec is not None and not isinstance(spec, ArchSpec):
         raise TypeError(f"spec: expected fastrit.ArchSpec or None, got {type(spec).__name__}")
+    if spec is None:
+        spec = getattr(model, SPEC_ATTR, None)
     if spec is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in FAMILIES:
             raise _unsupported(model, "unknown model family")
         spec = FAMILIES[model_type]
+    return spec
+
+
+def _find_layers(model: nn.Module, spec: ArchSpec | None) -> tuple[ArchSpec, nn.Module, nn.ModuleList]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
+    spec = model_spec(model, spec)
     base = getattr(model, "base_model", None)
     if base is None or base is model:
         raise _unsupported(model, "not a causal LM with a base model and an output head")
@@ -203,6 +273,48 @@ def decoder_layers(model: nn.Module, spec: ArchSpec | None = None) -> nn.ModuleL
     Raises as :func:`resolve_arch` for a model whose family is unknown (and no ``spec``) or that has no layer list.
     """
     return _find_layers(model, spec)[2]
+
+
+def mlp_layout(model: nn.Module, spec: ArchSpec | None = None) -> MLPLayout:
+    """The layout of ``model``'s MLPs (:func:`model_spec`'s ``mlp``); ValueError naming ``model`` for a family
+    fastrit does not know, or naming ``spec`` for a spec without one."""
+    try:
+        found = model_spec(model, spec)
+    except ValueError:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(f"model: fastrit cannot prepare the MLPs of a {model_type!r} model; supported: "
+                         f"{', '.join(sorted(FAMILIES))}; for any other pass spec=, e.g. {_SPEC_EXAMPLE}") from None
+    if found.mlp is None:
+        raise ValueError(f"spec: it says where the neuron sites are but not the MLP's projections; give it mlp=, "
+                         f"e.g. {_SPEC_EXAMPLE}")
+    return found.mlp
+
+
+def spec_to_json(spec: ArchSpec) -> dict:
+    """``spec`` as JSON values (for a delta's metadata); :func:`spec_from_json` reads it back."""
+    return asdict(spec)
+
+
+def spec_from_json(values: dict) -> ArchSpec:
+    """The ArchSpec that :func:`spec_to_json` wrote."""
+    values = dict(values)
+    if values.get("mlp") is not None:
+        values["mlp"] = MLPLayout(**{**values["mlp"], "inputs": tuple(values["mlp"]["inputs"])})
+    return ArchSpec(**values)
+
+
+def mlp_of(layer: nn.Module, spec: ArchSpec) -> nn.Module:
+    """The MLP module of one decoder ``layer`` (at ``spec.mlp_path``)."""
+    mlp = _get_path(layer, spec.mlp_path)
+    if mlp is None:
+        raise ValueError(f"spec: no MLP module at <layer>.{spec.mlp_path}")
+    return mlp
+
+
+def set_mlp(layer: nn.Module, spec: ArchSpec, mlp: nn.Module) -> None:
+    """Put ``mlp`` in one decoder ``layer`` in place of its MLP module (at ``spec.mlp_path``)."""
+    parent, _, name = spec.mlp_path.rpartition(".")
+    setattr(_get_path(layer, parent) if parent else layer, name, mlp)
 
 
 def resolve_arch(model: nn.Module, spec: ArchSpec | None = None) -> ModelArch:
@@ -294,27 +406,52 @@ def linear_out_features(module: nn.Module) -> int | None:
     return out_features if isinstance(out_features, int) else None
 
 
-def linear_weight(module: nn.Module, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-    """The dense weight of a linear output projection, ``[out_features, in_features]``, in ``dtype`` (None: as the
-    module stores it, without a copy where it can: ``nn.Linear``'s own tensor, a view of ``Conv1D``'s).
+def _is_lora(module: nn.Module) -> bool:
+    # a PEFT LoRA layer, recognised without importing peft
+    return callable(getattr(module, "get_delta_weight", None)) and hasattr(module, "base_layer")
 
-    ``nn.Linear`` as is, GPT-2's ``Conv1D`` transposed, bitsandbytes 4-bit layers and fastrit's NF4Linear
-    dequantized (to their compute dtype when ``dtype`` is None).
-    The module itself is not changed.
+
+def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight [out_features, in_features], bias [out_features] or None)`` of a linear layer, detached, the weight
+    in ``dtype`` (None: the layer's own dtype, without a copy where it can: ``nn.Linear``'s own tensor, a view of
+    ``Conv1D``'s). The module is not changed.
+
+    ``nn.Linear`` as is; GPT-2's ``Conv1D`` transposed; bitsandbytes' 4-bit layers and fastrit's NF4Linear
+    dequantized (bitsandbytes' definition, to their original dtype); a PEFT LoRA layer as its base weight plus its
+    active adapters' deltas (summed in the wider dtype, rounded once). TypeError naming ``module`` otherwise.
     """
+    weight, bias = _dense_weight(module)
+    return (weight if dtype is None else weight.to(dtype)), bias
 
-    def cast(weight: torch.Tensor) -> torch.Tensor:
-        return weight if dtype is None else weight.to(dtype)
 
+def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    if _is_lora(module):
+        weight, bias = _dense_weight(module.base_layer)
+        for name in module.active_adapters:
+            if name in getattr(module, "lora_A", {}):
+                delta = module.get_delta_weight(name).detach()  # [in, out] when fan_in_fan_out (Conv1D bases)
+                delta = delta.t() if getattr(module, "fan_in_fan_out", False) else delta
+                # float32 adapters of a bf16 model (master weights): summed in float32, rounded once
+                wide = torch.promote_types(weight.dtype, delta.dtype)
+                weight = (weight.to(wide) + delta.to(wide)).to(weight.dtype)
+        return weight, bias
     if is_bnb_4bit(module):
-        import bitsandbytes.functional as bnbf
+        from .ops.nf4 import bnb_nf4_weight, import_bnb, nf4_dequantize
 
-        weight = module.weight
-        return cast(bnbf.dequantize_4bit(weight.data, weight.quant_state))
+        if module.weight.quant_state.quant_type == "nf4":  # fastrit's dequantization: bitsandbytes' definition
+            return nf4_dequantize(*bnb_nf4_weight(module)), bias
+        return import_bnb().dequantize_4bit(module.weight.data, module.weight.quant_state), bias  # FP4
     if _is_nf4_linear(module):
-        return cast(module.dequantize())
-    if is_conv1d(module):
-        return cast(module.weight.detach().t())
-    if isinstance(module, nn.Linear):
-        return cast(module.weight.detach())
-    raise TypeError(f"mlp_out: unsupported output projection type {type(module).__name__}")
+        return module.dequantize(), bias
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
+        raise TypeError(f"module: expected a dense linear layer, got {type(module).__name__}")
+    weight = weight.detach()
+    return (weight.t() if is_conv1d(module) else weight), bias
+
+
+def linear_weight(module: nn.Module, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+    """The weight of :func:`dense_weight`, in ``dtype`` (default float32): what attribution reads of an output
+    projection."""
+    return dense_weight(module, dtype)[0]

@@ -18,12 +18,16 @@ stops after its answer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from . import _args
 from .arch import max_positions
-from .data import RagData, abstains, contains_answer, encode_pair, exact_match, prompts, token_f1
+from .data import RagData, RagPrompts, abstains, contains_answer, encode_pair, exact_match, prompts, token_f1
 from .data.turns import stop_token_ids
 
 __all__ = ["METRICS", "evaluate", "index_after"]
@@ -159,51 +163,93 @@ def evaluate(
     ``{"record", "prediction", "answers", "correct", "contains", "f1", "abstained"}`` per kept record
     (``correct``: exact match; ``contains``: accuracy).
     """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size!r}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens: expected a positive integer, got {max_new_tokens!r}")
-    if answer_marker is not None and (not isinstance(answer_marker, str) or not answer_marker):
-        raise ValueError(f"answer_marker: expected a non-empty string or None, got {answer_marker!r}")
+    _check_settings(batch_size, max_new_tokens, answer_marker)
     if isinstance(conditions, str):
         conditions = (conditions,)
-    positions = max_positions(model.config)
-    max_length = None if positions is None else positions - max_new_tokens
-    if max_length is not None and max_length < 1:
-        raise ValueError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt in {positions} positions")
-    stops = stop_token_ids(tokenizer, model)
-    stop_set = set(stops)
+    max_length = _prompt_room(model, max_new_tokens)
+    how = _Answering(batch_size, max_new_tokens, stop_token_ids(tokenizer, model), answer_marker, stop_at_newline,
+                     progress)
     scores: dict[str, dict[str, float | int]] = {}
     predictions: dict[str, list[dict]] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for condition in conditions:
             batch_prompts = prompts(data, tokenizer, condition=condition, k=k, template=template,
                                     max_length=max_length, seed=seed)
             if batch_prompts.skipped:
                 logger.info("fastrit.evaluate %s: skipped %s", condition, batch_prompts.skipped)
-            rows = []
-            markers = (marker_variants(tokenizer, batch_prompts.texts[0], answer_marker)
-                       if answer_marker is not None and len(batch_prompts) else None)
-            starts = range(0, len(batch_prompts), batch_size)
-            for start in tqdm(starts, desc=f"evaluate {condition}", disable=not progress):
-                span = range(start, min(start + batch_size, len(batch_prompts)))
-                with torch.inference_mode():
-                    new = greedy_continuations(model, batch_prompts.tensors(span), max_new_tokens,
-                                               batch_prompts.pad_token_id, stops or None)
-                for row, tokens in zip(span, new.tolist(), strict=True):
-                    tokens = until_stop(tokens, stop_set)
-                    if markers:
-                        tokens = _after_marker(tokens, markers)
-                    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-                    if stop_at_newline:
-                        text = text.split("\n", 1)[0].strip()
-                    answers = data.records[batch_prompts.records[row]]["answers"]
-                    rows.append({"record": batch_prompts.records[row], "prediction": text, "answers": answers,
-                                 **score_answer(text, answers)})
-            scores[condition] = summarize(rows)
-            predictions[condition] = rows
+            predictions[condition] = _condition_rows(model, tokenizer, data, batch_prompts, condition, how)
+            scores[condition] = summarize(predictions[condition])
+    return (scores, predictions) if return_predictions else scores
+
+
+def _check_settings(batch_size: int, max_new_tokens: int, answer_marker: str | None) -> None:
+    """ValueError naming the first of :func:`evaluate`'s generation settings that is out of range."""
+    _args.positive("batch_size", batch_size)
+    _args.positive("max_new_tokens", max_new_tokens)
+    if answer_marker is not None and (not isinstance(answer_marker, str) or not answer_marker):
+        raise ValueError(f"answer_marker: expected a non-empty string or None, got {answer_marker!r}")
+
+
+def _prompt_room(model, max_new_tokens: int) -> int | None:
+    """The most tokens a prompt may have so that ``max_new_tokens`` more fit the model's maximum positions (None:
+    the model names no limit); ValueError naming ``max_new_tokens`` when that leaves no room."""
+    positions = max_positions(model.config)
+    if positions is None:
+        return None
+    if positions - max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: {max_new_tokens} leaves no room for a prompt in {positions} positions")
+    return positions - max_new_tokens
+
+
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """``model`` in eval mode for the block, then given back in the mode it had (also on error)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
     finally:
         model.train(was_training)
-    return (scores, predictions) if return_predictions else scores
+
+
+@dataclass(frozen=True)
+class _Answering:
+    """How :func:`evaluate` generates and reads answers: its settings, checked, and the stop token ids."""
+
+    batch_size: int
+    max_new_tokens: int
+    stops: list[int]
+    answer_marker: str | None
+    stop_at_newline: bool
+    progress: bool
+
+
+def _condition_rows(model, tokenizer, data: RagData, batch_prompts: RagPrompts, condition: str,
+                    how: _Answering) -> list[dict]:
+    """One prediction row per prompt of ``batch_prompts`` (:func:`evaluate`'s ``predictions[condition]``), in
+    order: greedy answers generated ``how.batch_size`` prompts at a time, read and scored."""
+    markers = (marker_variants(tokenizer, batch_prompts.texts[0], how.answer_marker)
+               if how.answer_marker is not None and len(batch_prompts) else None)
+    stop_set = set(how.stops)
+    rows = []
+    starts = range(0, len(batch_prompts), how.batch_size)
+    for start in tqdm(starts, desc=f"evaluate {condition}", disable=not how.progress):
+        span = range(start, min(start + how.batch_size, len(batch_prompts)))
+        with torch.inference_mode():
+            new = greedy_continuations(model, batch_prompts.tensors(span), how.max_new_tokens,
+                                       batch_prompts.pad_token_id, how.stops or None)
+        for row, tokens in zip(span, new.tolist(), strict=True):
+            text = _answer_text(tokenizer, until_stop(tokens, stop_set), markers, how.stop_at_newline)
+            record = batch_prompts.records[row]
+            answers = data.records[record]["answers"]
+            rows.append({"record": record, "prediction": text, "answers": answers, **score_answer(text, answers)})
+    return rows
+
+
+def _answer_text(tokenizer, tokens: list[int], markers: list[list[int]] | None, stop_at_newline: bool) -> str:
+    """The answer in generated ``tokens`` (already cut at a stop token): what follows the first answer marker when
+    ``markers`` are given, decoded and stripped, up to its first newline with ``stop_at_newline``."""
+    if markers:
+        tokens = _after_marker(tokens, markers)
+    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return text.split("\n", 1)[0].strip() if stop_at_newline else text

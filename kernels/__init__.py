@@ -3,7 +3,8 @@
 Launchers (plain functions on torch tensors; inputs already validated and contiguous by ``fastrit.ops``):
 ``ig_interpolate_fwd``, ``ig_accumulate_fwd``, ``ig_accumulate_linear_fwd``, ``swiglu_fwd``, ``swiglu_bwd``,
 ``row_sparse_grad_fwd``, ``col_sparse_grad_fwd``, ``nf4_quantize_fwd``, ``nf4_dequantize_fwd``.
-Importing compiles nothing and touches no GPU; each kernel compiles on its first launch.
+Importing compiles nothing, touches no GPU and imports no triton (launchers and modules load on first access: PEP 562
+``__getattr__``); each kernel compiles on its first launch.
 """
 
 if __name__ == "kernels":
@@ -28,19 +29,29 @@ if __name__ == "kernels":
         # here instead would break `import transformers` itself. `from kernels import x` still fails.
         del __file__
 else:
-    from .ig import ig_accumulate_fwd, ig_accumulate_linear_fwd, ig_interpolate_fwd
-    from .nf4 import nf4_dequantize_fwd, nf4_quantize_fwd
-    from .sparse_grad import col_sparse_grad_fwd, row_sparse_grad_fwd
-    from .swiglu import swiglu_bwd, swiglu_fwd
+    import importlib
 
-    __all__ = [
-        "ig_interpolate_fwd",
-        "ig_accumulate_fwd",
-        "ig_accumulate_linear_fwd",
-        "swiglu_fwd",
-        "swiglu_bwd",
-        "row_sparse_grad_fwd",
-        "col_sparse_grad_fwd",
-        "nf4_quantize_fwd",
-        "nf4_dequantize_fwd",
-    ]
+    #: launcher -> the module of this package that defines it
+    _LAUNCHERS = {
+        "ig_interpolate_fwd": "ig",
+        "ig_accumulate_fwd": "ig",
+        "ig_accumulate_linear_fwd": "ig",
+        "swiglu_fwd": "swiglu",
+        "swiglu_bwd": "swiglu",
+        "row_sparse_grad_fwd": "sparse_grad",
+        "col_sparse_grad_fwd": "sparse_grad",
+        "nf4_quantize_fwd": "nf4",
+        "nf4_dequantize_fwd": "nf4",
+    }
+    _MODULES = ("_common", "ig", "nf4", "nf4_code", "sparse_grad", "swiglu")
+
+    __all__ = list(_LAUNCHERS)
+
+    def __getattr__(name: str):
+        """A launcher or a module of this package, imported on first use: importing the package imports no
+        triton, so that every floor may read ``fastrit.kernels.nf4_code`` (the NF4 table, plain Python)."""
+        if name in _LAUNCHERS:
+            return getattr(importlib.import_module(f".{_LAUNCHERS[name]}", __name__), name)
+        if name in _MODULES:
+            return importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,8 +20,8 @@ never hold a whole 4096-element block.
 
 Dequantize: ``code[q] * absmax[block]`` in float32 (rule "cuda": flush-to-zero multiply), then cast.
 
-The tables are duplicated here (``fastrit.kernels`` sits below ``fastrit.ops``); the tests check that they equal
-``reference.NF4_CODE`` and ``reference.NF4_CUDA_THRESHOLDS``.
+The tables (``NF4_CODE``, ``NF4_CUDA_THRESHOLDS``) are those of :mod:`fastrit.kernels.nf4_code`, the one NF4 table that
+``fastrit.ops.reference`` and csrc/nf4_code.h take theirs from.
 """
 
 from __future__ import annotations
@@ -31,32 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import autotune_configs, cast_out, flush_subnormal, mul_ftz, on_device, rcp_approx_ftz, size_bucket
-
-#: bitsandbytes' NF4 table, ascending; index = the 4-bit code.
-NF4_CODE = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-
-#: bitsandbytes' CUDA bucket thresholds, float32 bit patterns, ascending (see reference.NF4_CUDA_THRESHOLDS).
-NF4_CUDA_THRESHOLDS = (
-    0xBF591CD9, 0xBF1C5270, 0xBEEB8480, 0xBEADEA76, 0xBE703CEC, 0xBE0D38BC, 0xBD3A7871, 0x3D22FAFF,
-    0x3DF64863, 0x3E5067E0, 0x3E9582D4, 0x3EC753F9, 0x3F006D03, 0x3F248DAF, 0x3F5C89D9,
-)
+from .nf4_code import NF4_CODE, NF4_CUDA_THRESHOLDS
 
 RULES = ("cpu", "cuda")
 

@@ -53,3 +53,16 @@ def test_number_other_ends_and_optional():
     with pytest.raises(ValueError, match=r"tol: expected None or a number in \[0, 1\), got 1"):
         _args.number("tol", 1, low=0, high=1, low_open=False, high_open=True, optional=True)
     assert _args.number("tol", None, low=0, high=1, optional=True) is None
+
+
+def test_one_of_and_flag():
+    assert _args.one_of("train", "mlp", ("mlp", "lora")) == "mlp"
+    with pytest.raises(ValueError, match=r"train: expected one of \('mlp', 'lora'\), got 'x'"):
+        _args.one_of("train", "x", ("mlp", "lora"))
+    with pytest.raises(ValueError, match=r"loss: expected 'chunked' or 'model', got 3"):
+        _args.one_of("loss", 3, ("chunked", "model"), what="'chunked' or 'model'")
+    assert _args.flag("quantized", False) is False
+    with pytest.raises(ValueError, match=r"quantized: expected True or False, got 1"):
+        _args.flag("quantized", 1)
+    with pytest.raises(TypeError, match=r"master_weights: expected True or False, got None"):
+        _args.flag("master_weights", None, type_error=True)

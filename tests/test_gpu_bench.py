@@ -182,7 +182,7 @@ def test_kernel_processes_per_op_on_cuda_and_per_dtype_in_the_smoke_form():
 
 def test_the_gpu_test_files_hold_the_gpu_tests_and_the_deselected_compile_guard():
     files = gpu_bench.gpu_test_files()
-    assert {"tests/ops/test_ops_gpu.py", "tests/attribution/test_gpu.py", "tests/kernels/test_triton_kernels.py"} <= \
+    assert {"tests/ops/test_ops_gpu.py", "tests/attribution/test_gpu.py", "tests/kernels/test_triton_package.py"} <= \
         set(files)
     path, _, name = gpu_bench.COMPILE_GUARD.partition("::")
     assert path in files and f"def {name}(" in (ROOT / path).read_text()

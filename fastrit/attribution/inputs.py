@@ -13,6 +13,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from .. import _args
 from ..arch import ArchSpec, ModelArch, resolve_arch
 from .integration import IntegrationRule, integration_rule
 
@@ -84,23 +85,16 @@ def check_settings(
 ) -> IntegrationRule:
     """Validate the scalar settings of ``attribute``; raise ValueError/TypeError naming the argument. Returns the
     integration rule they resolve to (:func:`.integration.integration_rule`)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
-    if positions not in POSITIONS:
-        raise ValueError(f"positions: expected one of {', '.join(POSITIONS)}, got {positions!r}")
+    _args.one_of("objective", objective, OBJECTIVES, what=f"one of {', '.join(OBJECTIVES)}")
+    _args.one_of("positions", positions, POSITIONS, what=f"one of {', '.join(POSITIONS)}")
     rule = integration_rule(steps, method, delta_tol)
     check_optional_count("batch_size", batch_size)
     return rule
 
 
 def check_optional_count(name: str, value: int | None) -> None:
-    """``value`` must be None or an int >= 1; raise ValueError/TypeError naming ``name``."""
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name}: expected an int or None, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name}: expected >= 1, got {value}")
+    """``value`` must be None or an int >= 1: TypeError naming ``name`` for a non-integer, ValueError below 1."""
+    _args.integer(name, value, low=1, optional=True, type_error=True)
 
 
 def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
@@ -111,7 +105,7 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
         raise TypeError(f"layers: expected a list of layer indices or None, got {type(layers).__name__}")
     out = []
     for layer in layers:
-        if isinstance(layer, bool) or not isinstance(layer, int):
+        if not _args.is_integer(layer):
             raise TypeError(f"layers: expected int layer indices, got {type(layer).__name__}")
         if not -num_layers <= layer < num_layers:
             raise ValueError(f"layers: index {layer} is out of range for a model with {num_layers} layers")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .. import _args
+
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
 __all__ = ["AUTO_STEPS", "DEFAULT_DELTA_TOL", "METHODS", "IntegrationRule", "integration_points", "integration_rule",
@@ -37,10 +39,8 @@ def integration_points(method: str, steps: int) -> tuple[list[float], list[float
     Raises:
         ValueError: unknown ``method`` or ``steps`` below :func:`min_steps`.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int):
-        raise TypeError(f"steps: expected an int or 'auto', got {type(steps).__name__}")
+    _args.one_of("method", method, METHODS, what=f"one of {', '.join(METHODS)}")
+    _args.integer("steps", steps, what="an int or 'auto'", type_error=True)
     if steps < min_steps(method):
         raise ValueError(f"steps: {method} needs at least {min_steps(method)} steps, got {steps}")
     n = steps
@@ -99,8 +99,7 @@ def integration_rule(steps: int | str, method: str | None, delta_tol: float | No
             raise ValueError(f"method: steps='auto' grows Gauss-Legendre rules; got method={method!r}")
         if delta_tol is None:
             delta_tol = DEFAULT_DELTA_TOL
-        if isinstance(delta_tol, bool) or not isinstance(delta_tol, int | float) or not 0 < delta_tol < 1:
-            raise ValueError(f"delta_tol: expected a number in (0, 1), got {delta_tol!r}")
+        _args.number("delta_tol", delta_tol, low=0, high=1, high_open=True)
         return IntegrationRule("auto", "gausslegendre", float(delta_tol))
     if delta_tol is not None:
         raise ValueError(f"delta_tol: only used with steps='auto', got steps={steps!r}")

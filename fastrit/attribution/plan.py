@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import _args
 from ..arch import FAMILIES, max_positions, resolve_arch
 from ..memory import DTYPES, MemoryPlan, meta_model, resolve_config, stored_bytes
 from .engine import _ACT_ELEMS_PER_D, _ACT_ELEMS_PER_I, _DEFAULT_ACTIVATION_BUDGET
@@ -288,18 +289,14 @@ def _chunk(model: _Model, call: _Call) -> tuple[int, int]:
 
 def _check(tokens: int, answer_tokens: int, steps: int | str, positions: str, batch_size: int | None, dtype: str,
            device: str, objective: str) -> None:
-    for name, value in (("tokens", tokens), ("answer_tokens", answer_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    if steps != "auto" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps: expected a positive int or 'auto', got {steps!r}")
-    if positions not in POSITIONS:
-        raise ValueError(f"positions: expected one of {', '.join(POSITIONS)}, got {positions!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    _args.positive("tokens", tokens)
+    _args.positive("answer_tokens", answer_tokens)
+    if steps != "auto":
+        _args.positive("steps", steps, what="a positive integer or 'auto'")
+    _args.one_of("positions", positions, POSITIONS, what=f"one of {', '.join(POSITIONS)}")
+    _args.one_of("objective", objective, OBJECTIVES, what=f"one of {', '.join(OBJECTIVES)}")
     check_optional_count("batch_size", batch_size)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+    _args.one_of("dtype", dtype, DTYPES, what=f"one of {sorted(DTYPES)}")
     if device not in DEVICES:
         raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
 

@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 
+from .. import _args
 from ..attribution import METHODS
 
 __all__ = [
@@ -179,8 +180,8 @@ def memory_settings(args: argparse.Namespace, quantize: str,
     if args.memory_budget is not None:
         if "auto" not in (quantize, checkpointing):
             raise ValueError(f"--memory-budget: only the 'auto' settings ({quantize_flag}, --checkpointing) use it")
-        if not math.isfinite(args.memory_budget) or args.memory_budget <= 0:
-            raise ValueError(f"--memory-budget: expected a positive number of GiB, got {args.memory_budget}")
+        _args.number("--memory-budget", args.memory_budget, low=0, high=math.inf, high_open=True,
+                     what="a positive number of GiB")
         budget = int(args.memory_budget * 2**30)
     return (None if quantize == "none" else quantize), checkpointing, budget
 

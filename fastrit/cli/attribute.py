@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import _args
 from ._common import (
     HelpFormatter,
     add_attribution_arguments,
@@ -45,10 +46,9 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--prompt and --answer: give both, or neither (then records come from --data)")
     if args.prompt is not None and args.data is not None:
         raise ValueError("--data: give either --data or --prompt/--answer, not both")
-    if args.max_examples is not None and args.max_examples < 1:
-        raise ValueError(f"--max-examples: expected a positive integer, got {args.max_examples}")
-    if args.top < 1:
-        raise ValueError(f"--top: expected a positive integer, got {args.top}")
+    if args.max_examples is not None:
+        _args.positive("--max-examples", args.max_examples)
+    _args.positive("--top", args.top)
 
 
 def _inputs(args: argparse.Namespace, model, tokenizer) -> dict:

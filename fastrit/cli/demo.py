@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import _args
 from ._common import HelpFormatter
 
 __all__ = ["add_parsers"]
@@ -43,10 +44,9 @@ def run_demo(args: argparse.Namespace) -> None:
     from ..demo.report import format_table
 
     for name in ("steps", "batch_size", "mine_records", "mine_steps", "train_records", "export_questions"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}: expected a positive number, got {getattr(args, name)}")
-    if args.test_records is not None and args.test_records < 1:
-        raise ValueError(f"--test-records: expected a positive number, got {args.test_records}")
+        _args.positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.test_records is not None:
+        _args.positive("--test-records", args.test_records)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out: {args.out!r} exists and is not an empty folder (make demo replaces demo-output)")

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .. import _args
 from .._io import write_text_atomic
 from ..data import CONDITIONS
 from ._common import (
@@ -61,8 +62,8 @@ def run_eval(args: argparse.Namespace) -> None:
     conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
     if not conditions or any(c not in CONDITIONS for c in conditions):
         raise ValueError(f"--conditions: expected names among {CONDITIONS}, got {args.conditions!r}")
-    if args.max_examples is not None and args.max_examples < 1:
-        raise ValueError(f"--max-examples: expected a positive number, got {args.max_examples}")
+    if args.max_examples is not None:
+        _args.positive("--max-examples", args.max_examples)
     delta = delta_path(args.delta) if args.delta is not None else None
     out = Path(args.out) if args.out is not None else None
     if out is not None and not out.parent.is_dir():

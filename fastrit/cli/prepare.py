@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .. import _args
 from ._common import (
     HelpFormatter,
     add_data_arguments,
@@ -67,8 +68,7 @@ def run_prepare(args: argparse.Namespace) -> None:
     if not out.parent.is_dir():
         raise FileNotFoundError(f"--out: no such folder: {str(out.parent)!r}")
     count = CHECK_PROMPTS if args.check_prompts is None else args.check_prompts
-    if count < 0:
-        raise ValueError(f"--check-prompts: expected a count >= 0, got {count}")
+    _args.integer("--check-prompts", count, low=0, what="a count >= 0")
     sets, kwargs = prepare_settings(args)
     data = load_data(args) if count else None
     model, tokenizer = load_model(args)

@@ -7,6 +7,8 @@ import argparse
 import os
 from pathlib import Path
 
+from .. import _args
+from ..tuning.stages import STAGES
 from ._common import (
     HelpFormatter,
     add_data_arguments,
@@ -22,9 +24,6 @@ from ._common import (
 
 __all__ = ["add_parsers", "per_stage"]
 
-STAGE_NAMES = ("denoise", "distill")
-
-
 def per_stage(kind):
     """An argparse type: ``VALUE`` for every stage, or ``denoise=VALUE,distill=VALUE``."""
 
@@ -34,8 +33,8 @@ def per_stage(kind):
         values = {}
         for part in text.split(","):
             stage, _, value = part.partition("=")
-            if stage.strip() not in STAGE_NAMES:
-                raise argparse.ArgumentTypeError(f"unknown stage {stage.strip()!r}; expected {STAGE_NAMES}")
+            if stage.strip() not in STAGES:
+                raise argparse.ArgumentTypeError(f"unknown stage {stage.strip()!r}; expected {STAGES}")
             values[stage.strip()] = kind(value)
         return values
 
@@ -121,8 +120,8 @@ def run_tune(args: argparse.Namespace) -> None:
     from fastrit import demo
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    if not stages or any(s not in STAGE_NAMES for s in stages) or len(set(stages)) != len(stages):
-        raise ValueError(f"--stages: expected distinct names among {STAGE_NAMES}, got {args.stages!r}")
+    if not stages or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
+        raise ValueError(f"--stages: expected distinct names among {STAGES}, got {args.stages!r}")
     sets, prepare_kwargs = prepare_settings(args)
     data = load_data(args)
     eval_data = None
@@ -131,8 +130,7 @@ def run_tune(args: argparse.Namespace) -> None:
     if args.eval_data is not None:
         eval_data = demo.load_data("dev") if args.eval_data == "dev" else fastrit.data.load(args.eval_data)
         if args.eval_records is not None:
-            if args.eval_records < 1:
-                raise ValueError(f"--eval-records: expected a positive integer, got {args.eval_records}")
+            _args.positive("--eval-records", args.eval_records)
             eval_data = fastrit.data.RagData(eval_data.records.select(range(min(args.eval_records,
                                                                                 len(eval_data)))))
     model, tokenizer = load_model(args)

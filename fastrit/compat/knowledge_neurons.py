@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import _args, ops
 from ..attribution.engine import attribute_call
 from ..attribution.inputs import AttributionCall, ScoredExample
 from ._sites import KNSites, resolve_sites
@@ -148,9 +148,8 @@ class KnowledgeNeurons:
 
     def _check_steps(self, steps: int, batch_size: int) -> tuple[int, int]:
         steps, batch_size = _integer("steps", steps), _integer("batch_size", batch_size)
-        for name, value in (("steps", steps), ("batch_size", batch_size)):
-            if value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        _args.positive("steps", steps, what="an int >= 1")
+        _args.positive("batch_size", batch_size, what="an int >= 1")
         assert steps % batch_size == 0  # the package's own check: batch_size must divide steps
         return steps, batch_size
 
@@ -168,8 +167,7 @@ class KnowledgeNeurons:
         width = self.intermediate_size()
         checked = []
         for pair in neurons:
-            integral = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in pair)
-            if len(pair) != 2 or not integral:
+            if len(pair) != 2 or not all(map(_is_integral, pair)):
                 raise ValueError(f"neurons: expected [layer, neuron] pairs of ints, got {pair!r}")
             layer, neuron = (operator.index(v) for v in pair)
             assert layer < self.n_layers()  # the package's check
@@ -556,11 +554,15 @@ def _undone_or_kept(results: dict, unpatch: Callable, undo_modification: bool) -
     return results, unpatch
 
 
+def _is_integral(value: object) -> bool:
+    """Whether ``value`` is an integer the package takes: a Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _integer(name: str, value: object) -> int:
     """``value`` as an int (Python or numpy integers), or a TypeError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    return operator.index(value)
+    return _args.integer(name, operator.index(value) if _is_integral(value) else value, what="an int",
+                         type_error=True)
 
 
 def _check_encoded(encoded_input: dict) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _args
 from ..arch import max_positions
 from .rag import RagData
 from .turns import resolve_template
@@ -186,14 +187,11 @@ def prompts(
     the records to make prompts for (default: all), by their index in ``data``. Deterministic from ``seed`` and a
     record's index: a record gets the same prompt whichever other records are asked for with it.
     """
-    if condition not in CONDITIONS:
-        raise ValueError(f"condition: expected one of {CONDITIONS}, got {condition!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive integer, got {k!r}")
+    _args.one_of("condition", condition, CONDITIONS)
+    _args.positive("k", k)
     if max_length is None:
         max_length = _default_max_length(tokenizer, model)
-    if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length: expected a positive integer, got {max_length!r}")
+    _args.positive("max_length", max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("tokenizer: needs a pad or an end-of-sequence token to pad prompts")

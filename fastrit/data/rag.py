@@ -24,6 +24,7 @@ from typing import Any
 
 import datasets
 
+from .. import _args
 from .._io import atomic_path
 from .text import contains_answer
 
@@ -208,8 +209,7 @@ def load(source: str | os.PathLike | datasets.Dataset | datasets.DatasetDict, *,
     if isinstance(source, datasets.DatasetDict):
         if split is None and len(source) == 1:
             split = next(iter(source))
-        if split not in source:
-            raise ValueError(f"split: expected one of {sorted(source)}, got {split!r}")
+        _args.one_of("split", split, source, what=f"one of {sorted(source)}")
         source = source[split]
     elif split is not None:
         raise ValueError("split: only a datasets.DatasetDict has splits")

@@ -21,6 +21,7 @@ import zlib
 
 import datasets
 
+from .. import _args
 from .rag import FEATURES, RagData
 
 __all__ = ["ATTRIBUTES", "SPLITS", "entity_names", "synthetic", "vocabulary"]
@@ -166,12 +167,9 @@ def synthetic(n: int, *, split: str = "train", seed: int = 0, k: int = 5) -> Rag
     """``n`` records of ``split`` ("train", "dev" or "test"), each with 1-3 relevant passages and at least ``k``
     irrelevant ones (so every condition of ``fastrit.data.prompts`` can take ``k`` passages). Deterministic from
     ``seed``; different splits never ask about the same (entity, attribute) pair."""
-    if not isinstance(n, int) or n < 0:
-        raise ValueError(f"n: expected a non-negative integer, got {n!r}")
-    if split not in SPLITS:
-        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k: expected a positive integer, got {k!r}")
+    _args.integer("n", n, low=0)
+    _args.one_of("split", split, SPLITS)
+    _args.positive("k", k)
     rng = random.Random(f"{seed}/{split}")
     pairs = _PAIRS[split]
     records = [_record(rng, *rng.choice(pairs), k) for _ in range(n)]

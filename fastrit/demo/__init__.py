@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import data
+from .. import _args, data
 
 __all__ = ["ABSTAIN", "READER_DIR", "SPLIT_SIZES", "abstained", "load_data", "load_model"]
 
@@ -32,8 +32,7 @@ def load_model(dtype=None):
 
 def load_data(split: str = "test") -> data.RagData:
     """The synthetic records of ``split`` ("train", "dev" or "test"; sizes :data:`SPLIT_SIZES`), always the same."""
-    if split not in SPLIT_SIZES:
-        raise ValueError(f"split: expected one of {tuple(SPLIT_SIZES)}, got {split!r}")
+    _args.one_of("split", split, SPLIT_SIZES, what=f"one of {tuple(SPLIT_SIZES)}")
     return data.synthetic(SPLIT_SIZES[split], split=split, seed=DATA_SEED, k=5)
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import _args
 from .._io import atomic_path, write_text_atomic
 from .stats import MINED_CONDITIONS, MiningStats
 
@@ -25,14 +26,11 @@ _UNSET = object()
 
 def check_selection(share: float, top_n: int | None, target_layers: int, num_layers: int | None) -> None:
     """Raise ValueError naming the selection argument out of range (``num_layers`` None: no upper bound)."""
-    if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
-        raise ValueError(f"share: expected a number in (0, 1], got {share!r}")
-    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
-        raise ValueError(f"top_n: expected None or a positive integer, got {top_n!r}")
-    valid = isinstance(target_layers, int) and not isinstance(target_layers, bool) and target_layers >= 0
-    if not valid or (num_layers is not None and target_layers > num_layers):
-        upper = "the number of layers" if num_layers is None else num_layers
-        raise ValueError(f"target_layers: expected an integer in [0, {upper}], got {target_layers!r}")
+    _args.number("share", share, low=0, high=1)
+    _args.positive("top_n", top_n, optional=True)
+    upper = "the number of layers" if num_layers is None else num_layers
+    _args.integer("target_layers", target_layers, low=0, high=None if num_layers is None else num_layers + 1,
+                  what=f"an integer in [0, {upper}]")
 
 
 def _condition_set(counts: torch.Tensor, examples: int, share: float, top_n: int | None) -> torch.Tensor:
@@ -126,8 +124,7 @@ class NeuronSets:
 
     def indices(self, name: str) -> dict[int, torch.Tensor]:
         """``{layer: sorted int64 neuron indices}`` of set ``name`` (one of :data:`SET_NAMES`), every layer."""
-        if name not in SET_NAMES:
-            raise ValueError(f"name: expected one of {SET_NAMES}, got {name!r}")
+        _args.one_of("name", name, SET_NAMES)
         return {layer: torch.nonzero(row).flatten() for layer, row in enumerate(self.masks[name])}
 
     @property

@@ -23,7 +23,8 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .._io import atomic_path, write_text_atomic
+from .._io import atomic_path
+from .._run_folder import RunFolder
 from .stats import MiningStats
 
 __all__ = ["MiningStore"]
@@ -34,48 +35,28 @@ TOTAL = "total.safetensors"
 CHUNKS = "chunks"
 
 
-def _differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
-    return out
-
-
 class MiningStore:
-    """Reads and writes the state of one mining run in ``directory`` (see the module docstring)."""
+    """Reads and writes the state of one mining run in ``directory`` (see the module docstring); its manifest is
+    the identity record of a :class:`fastrit._run_folder.RunFolder`."""
 
     def __init__(self, directory: str | os.PathLike, manifest: dict) -> None:
-        self.directory = Path(directory)
-        self.manifest = {"format": _FORMAT, **manifest}
-        if self.directory.exists() and not self.directory.is_dir():
-            raise ValueError(f"out_dir: {str(self.directory)!r} exists and is not a directory")
+        self.folder = RunFolder(directory, argument="out_dir", record=MANIFEST, kind="mining run",
+                                identity={"format": _FORMAT, **manifest})
+        self.directory = self.folder.directory
+        self.manifest = self.folder.identity
 
     def open(self, create: bool) -> None:
         """Check the manifest of a run already in the folder against this one; ``create`` (one process only):
         write it if there is none, and remove temporary files a killed run left behind.
 
-        Raises ValueError saying what differs when the folder holds another run.
+        Raises ValueError saying what differs when the folder holds another run; RuntimeError when not ``create``
+        and there is no manifest.
         """
-        path = self.directory / MANIFEST
-        if path.is_file():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            differences = _differences(saved, self.manifest)
-            if differences:
-                raise ValueError(f"out_dir: {str(self.directory)!r} holds a mining run made differently; "
-                                 + "; ".join(differences) + ". Use another out_dir, or the same arguments.")
-        elif create:
-            write_text_atomic(path, json.dumps(self.manifest, indent=2, sort_keys=True) + "\n")
-        else:
-            raise RuntimeError(f"out_dir: {MANIFEST} missing in {str(self.directory)!r}")
+        if self.folder.check(must_exist=not create) is None:
+            self.folder.write()
         if create:
             (self.directory / CHUNKS).mkdir(parents=True, exist_ok=True)
-            for folder in (self.directory, self.directory / CHUNKS):
-                for leftover in folder.glob(".*.tmp"):
-                    leftover.unlink(missing_ok=True)
+            self.folder.remove_leftovers(CHUNKS)
 
     def _chunk_path(self, index: int) -> Path:
         return self.directory / CHUNKS / f"chunk-{index:08d}.safetensors"

@@ -1,100 +1,45 @@
-"""Where each model family keeps its MLP projections, and their weights read out neuron by neuron.
+"""MLP weights read out neuron by neuron (:class:`MLPWeights`), in the layout the family registry gives.
 
 Neuron ``i`` of a layer (fastrit's definition: column ``i`` of the MLP output projection's input) owns row ``i``
 of every input projection (gated MLPs: gate and up; plain MLPs: fc), its bias entries, and column ``i`` of the
 output projection. :class:`MLPWeights` holds them in ``nn.Linear`` orientation (``[out, in]``), whatever the
 family stores (GPT-2's Conv1D keeps ``[in, out]``; Phi-3 fuses gate and up into one projection).
+
+Where each family keeps its MLP projections is part of its :class:`fastrit.ArchSpec` (``spec.mlp``, an
+:class:`MLPLayout`) in the one registry :data:`fastrit.arch.FAMILIES`; :data:`MLP_LAYOUTS` is a read-only view of it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..arch import is_bnb_4bit, is_conv1d
+from ..arch import FAMILIES, MLPLayout, dense_weight, is_bnb_4bit, is_conv1d, mlp_layout
 
 __all__ = ["MLP_LAYOUTS", "MLPLayout", "MLPWeights", "dense_weight", "is_bnb_4bit", "is_conv1d", "mlp_layout"]
 
 
-@dataclass(frozen=True)
-class MLPLayout:
-    """The MLP module's attribute names.
+class _LayoutsView(Mapping):
+    """model_type -> MLPLayout of every family in :data:`fastrit.arch.FAMILIES` that has one, read live."""
 
-    Attributes:
-        inputs: the input projections, in the order the activation takes them (gated: gate, up; plain: fc).
-        output: the output projection.
-        act: the activation module's attribute name.
-        conv1d: GPT-2's Conv1D layers (weights stored ``[in, out]``).
-        fused: one input projection holding gate rows then up rows (Phi-3's ``gate_up_proj``).
-        dropout: the dropout applied to the MLP output, if any (GPT-2).
-    """
+    def __getitem__(self, model_type: str) -> MLPLayout:
+        layout = FAMILIES[model_type].mlp
+        if layout is None:
+            raise KeyError(model_type)
+        return layout
 
-    inputs: tuple[str, ...]
-    output: str
-    act: str
-    conv1d: bool = False
-    fused: bool = False
-    dropout: str | None = None
+    def __iter__(self) -> Iterator[str]:
+        return (name for name, spec in FAMILIES.items() if spec.mlp is not None)
 
-    @property
-    def gated(self) -> bool:
-        return self.fused or len(self.inputs) == 2
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
-_GATED = MLPLayout(inputs=("gate_proj", "up_proj"), output="down_proj", act="act_fn")
-
-#: model_type -> layout, for the families fastrit recognises
-MLP_LAYOUTS: dict[str, MLPLayout] = {
-    "llama": _GATED,
-    "mistral": _GATED,
-    "qwen2": _GATED,
-    "qwen3": _GATED,
-    "gemma": _GATED,
-    "gemma2": _GATED,
-    "gemma3_text": _GATED,
-    "phi3": MLPLayout(inputs=("gate_up_proj",), output="down_proj", act="activation_fn", fused=True),
-    "gpt2": MLPLayout(inputs=("c_fc",), output="c_proj", act="act", conv1d=True, dropout="dropout"),
-    "gpt_neox": MLPLayout(inputs=("dense_h_to_4h",), output="dense_4h_to_h", act="act"),
-}
-
-
-def mlp_layout(model: nn.Module) -> MLPLayout:
-    """The layout of ``model``'s MLPs; ValueError naming ``model`` for a family fastrit does not know."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in MLP_LAYOUTS:
-        raise ValueError(f"model: fastrit cannot prepare the MLPs of a {model_type!r} model; "
-                         f"supported: {', '.join(sorted(MLP_LAYOUTS))}")
-    return MLP_LAYOUTS[model_type]
-
-
-def dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight [out, in], bias)`` of a linear layer, detached: nn.Linear as is, GPT-2's Conv1D transposed,
-    fastrit's NF4Linear and bitsandbytes' 4-bit layers dequantized (in their original dtype), a PEFT LoRA layer as
-    its base weight plus its active adapters' deltas."""
-    from .nf4_linear import NF4Linear
-
-    if callable(getattr(module, "get_delta_weight", None)) and hasattr(module, "base_layer"):  # a PEFT LoRA layer
-        weight, bias = dense_weight(module.base_layer)
-        for name in module.active_adapters:
-            if name in getattr(module, "lora_A", {}):
-                delta = module.get_delta_weight(name).detach()  # [in, out] when fan_in_fan_out (Conv1D bases)
-                delta = delta.t() if getattr(module, "fan_in_fan_out", False) else delta
-                # summed in the wider dtype, rounded once (float32 adapters of a bf16 model: master weights)
-                wide = torch.promote_types(weight.dtype, delta.dtype)
-                weight = (weight.to(wide) + delta.to(wide)).to(weight.dtype)
-        return weight, bias
-    if is_bnb_4bit(module):
-        module = NF4Linear.from_bnb(module)
-    if isinstance(module, NF4Linear):
-        return module.dequantize(), None if module.bias is None else module.bias.detach()
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.dtype.is_floating_point:
-        raise TypeError(f"model: expected a dense linear layer, got {type(module).__name__}")
-    weight = weight.detach()
-    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-    return (weight.t() if is_conv1d(module) else weight), bias
+#: model_type -> layout, for the families fastrit recognises (a view of :data:`fastrit.arch.FAMILIES`)
+MLP_LAYOUTS: Mapping[str, MLPLayout] = _LayoutsView()
 
 
 @dataclass

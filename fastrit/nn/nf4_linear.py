@@ -33,44 +33,14 @@ import math
 import torch
 from torch import nn
 
-from .. import ops
+from .. import _args, ops
 from ..ops import _checks, reference
+from ..ops.nf4 import bnb_nf4_weight, import_bnb
 
 __all__ = ["NF4Linear"]
 
 #: buffers holding the quantized weight: moved between devices, never cast to another dtype
 _STATE_BUFFERS = ("packed", "absmax", "nested_absmax", "nested_code", "offset", "code")
-
-
-def _bnb_functional():
-    try:
-        import bitsandbytes.functional as bnbf
-    except ImportError as error:  # pragma: no cover - bitsandbytes is an install requirement
-        raise ImportError("NF4Linear needs bitsandbytes (pip install bitsandbytes)") from error
-    return bnbf
-
-
-def _nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
-    return torch.tensor(reference.NF4_CODE, dtype=torch.float32, device=device)
-
-
-def _unshuffle_cpu_packing(weight: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Undo bitsandbytes' AVX512-BF16 CPU repacking (``_convert_weight_packed_for_cpu``, block_n=32).
-
-    ``weight``: uint8 ``[N, K / 2]`` in that layout (per 32 rows and 2 columns, 64 codes stored as 32 bytes: low
-    nibbles the first 32 codes, high nibbles the last 32). Returns the standard bitsandbytes packing, uint8
-    ``[N * K / 2, 1]``. Lossless: only the codes' positions change.
-    """
-    n, k = shape
-    block_n = 32
-    if weight.dtype != torch.uint8:
-        weight = weight.view(torch.uint8)
-    if n % block_n or k % 2 or weight.numel() * 2 != n * k:
-        raise ValueError(f"module: CPU-packed weight of {weight.numel()} bytes does not fit shape {list(shape)}")
-    rows = weight.reshape(-1, block_n)
-    codes = torch.cat([rows & 0xF, rows >> 4], dim=-1)  # [.., 64]: 32 low nibbles then 32 high nibbles
-    codes = codes.reshape(n // block_n, k // 2, block_n, 2).transpose(1, 2).reshape(-1)  # row-major [N * K]
-    return ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(-1, 1)
 
 
 class NF4Linear(nn.Module):
@@ -115,13 +85,10 @@ class NF4Linear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected a positive int, got {value!r}")
-        if blocksize not in ops.NF4_BLOCKSIZES:
-            raise ValueError(f"blocksize: expected one of {ops.NF4_BLOCKSIZES}, got {blocksize!r}")
-        if isinstance(nested_blocksize, bool) or not isinstance(nested_blocksize, int) or nested_blocksize < 1:
-            raise ValueError(f"nested_blocksize: expected a positive int, got {nested_blocksize!r}")
+        _args.positive("in_features", in_features)
+        _args.positive("out_features", out_features)
+        _args.one_of("blocksize", blocksize, ops.NF4_BLOCKSIZES)
+        _args.positive("nested_blocksize", nested_blocksize)
         if weight_dtype not in _checks.FLOAT_DTYPES:
             raise TypeError(f"weight_dtype: expected float32, bfloat16 or float16, got {weight_dtype!r}")
         if bias_dtype is not None and not bias_dtype.is_floating_point:
@@ -137,7 +104,7 @@ class NF4Linear(nn.Module):
         numel = in_features * out_features
         blocks = math.ceil(numel / blocksize)
         self.register_buffer("packed", torch.zeros((numel + 1) // 2, 1, dtype=torch.uint8, device=device))
-        self.register_buffer("code", _nf4_code(device), persistent=False)
+        self.register_buffer("code", reference.nf4_code(device), persistent=False)
         if self.nested:
             self.register_buffer("absmax", torch.zeros(blocks, dtype=torch.uint8, device=device))
             nested_blocks = math.ceil(blocks / nested_blocksize)
@@ -250,43 +217,9 @@ class NF4Linear(nn.Module):
         are then restored to the standard layout (losslessly) and the absmax adopted as bitsandbytes now holds it
         (bfloat16 values as float32, not nested): the layer computes with the same numbers as that bnb module.
         """
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:  # pragma: no cover - bitsandbytes is an install requirement
-            raise ImportError("NF4Linear.from_bnb needs bitsandbytes (pip install bitsandbytes)") from error
-        bnbf = _bnb_functional()
-        if not isinstance(module, bnb.nn.Linear4bit):
-            raise TypeError(f"module: expected a bitsandbytes.nn.Linear4bit, got {type(module).__name__}")
-        weight = module.weight
-        state = getattr(weight, "quant_state", None)
-        if state is None:
-            state = getattr(module, "quant_state", None)
-        quant_type = state.quant_type if state is not None else getattr(weight, "quant_type", None)
-        if quant_type != "nf4":
-            raise ValueError(f"module: expected a Linear4bit with quant_type 'nf4', got {quant_type!r}")
-        if state is None or not getattr(weight, "bnb_quantized", state is not None):
-            raise ValueError(
-                "module: the Linear4bit is not quantized yet (bitsandbytes quantizes it when it is moved to a "
-                "device, e.g. module.to('cpu') or module.cuda())"
-            )
-        if not isinstance(state, bnbf.QuantState) or state.shape is None or len(state.shape) != 2:
-            raise ValueError("module: expected a 2-D bitsandbytes QuantState on its weight")
-        if state.code is not None and not torch.equal(state.code.float().cpu(), _nf4_code()):
-            raise ValueError("module: its quant_state.code is not bitsandbytes' NF4 table")
-        data = weight.data
+        packed, state = bnb_nf4_weight(module)
         bias = None if module.bias is None else module.bias.detach()
-        if getattr(state, "packing_format_for_cpu", False):
-            shape = (int(state.shape[0]), int(state.shape[1]))
-            packed = _unshuffle_cpu_packing(data, shape)
-            absmax = state.absmax.T.reshape(-1).float()  # bitsandbytes stores it [in / blocksize, out] in bf16
-            adopted = bnbf.QuantState(
-                absmax=absmax, shape=torch.Size(shape), dtype=getattr(state, "original_dtype", state.dtype),
-                blocksize=state.blocksize, code=_nf4_code(packed.device), quant_type="nf4",
-            )
-            return cls._from_state(packed, adopted, bias, backend, "module")
-        if data.dtype != torch.uint8:  # quant_storage other than uint8: the same bytes, another view
-            data = data.contiguous().view(torch.uint8)
-        return cls._from_state(data, state, bias, backend, "module")
+        return cls._from_state(packed, state, bias, backend, "module")
 
     # ------------------------------------------------------------------ quantized weight
 
@@ -297,7 +230,7 @@ class NF4Linear(nn.Module):
         quant_type "nf4", shape ``(out_features, in_features)``, dtype ``weight_dtype``, ``code`` the NF4 table on
         the buffers' device; when nested, ``state2`` (the 8-bit state of the absmax) and ``offset``.
         """
-        bnbf = _bnb_functional()
+        bnbf = import_bnb()
         state2 = offset = None
         if self.nested:
             state2 = bnbf.QuantState(

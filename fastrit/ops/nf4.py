@@ -11,26 +11,98 @@ so weights interchange both ways.
 
 from __future__ import annotations
 
+import importlib
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 
+from .. import _args
 from . import _checks, reference
 from ._backend import dispatch
 
-__all__ = ["nf4_quantize", "nf4_dequantize", "nf4_linear", "NF4_BLOCKSIZES"]
+__all__ = ["nf4_quantize", "nf4_dequantize", "nf4_linear", "NF4_BLOCKSIZES", "bnb_nf4_weight", "import_bnb"]
 
 #: block sizes bitsandbytes accepts for 4-bit quantization
 NF4_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
-def _bnb():
+def import_bnb(submodule: str = "functional") -> ModuleType:
+    """``bitsandbytes.<submodule>`` (its ``functional`` by default): the one place fastrit imports bitsandbytes.
+
+    Imported on first use, not with fastrit (importing bitsandbytes is slow and probes the GPU). bitsandbytes is
+    an install requirement; ImportError saying how to install it when it is missing.
+    """
     try:
-        import bitsandbytes.functional as bnbf
+        return importlib.import_module(f"bitsandbytes.{submodule}")
     except ImportError as error:  # pragma: no cover - bitsandbytes is an install requirement
-        raise ImportError("fastrit's NF4 ops need bitsandbytes (pip install bitsandbytes)") from error
-    return bnbf
+        raise ImportError("fastrit's NF4 weights need bitsandbytes (pip install bitsandbytes)") from error
+
+
+def bnb_nf4_weight(module) -> tuple[torch.Tensor, object]:
+    """``(packed uint8 [(numel + 1) // 2, 1], QuantState)`` of a quantized ``bitsandbytes.nn.Linear4bit`` with
+    quant_type "nf4", in bitsandbytes' standard layout, without a copy where it can (nothing is requantized; the
+    module is not changed). :func:`nf4_dequantize` of it is the layer's weight.
+
+    A layer that has already run an inference forward pass on an AVX512-BF16 CPU has been repacked by bitsandbytes
+    into a CPU-only layout, its absmax dequantized and rounded to bfloat16: the codes are restored to the standard
+    layout (losslessly) and the absmax taken as bitsandbytes now holds it (bfloat16 values as float32, not nested),
+    so the numbers are the ones that bnb module computes with.
+
+    TypeError naming ``module`` when it is not a Linear4bit; ValueError when it is not quantized yet, not NF4, or
+    its state is not a 2-D bitsandbytes QuantState with the NF4 table.
+    """
+    bnbf = import_bnb()
+    if not isinstance(module, import_bnb("nn").Linear4bit):
+        raise TypeError(f"module: expected a bitsandbytes.nn.Linear4bit, got {type(module).__name__}")
+    weight = module.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        state = getattr(module, "quant_state", None)
+    quant_type = state.quant_type if state is not None else getattr(weight, "quant_type", None)
+    if quant_type != "nf4":
+        raise ValueError(f"module: expected a Linear4bit with quant_type 'nf4', got {quant_type!r}")
+    if state is None or not getattr(weight, "bnb_quantized", state is not None):
+        raise ValueError(
+            "module: the Linear4bit is not quantized yet (bitsandbytes quantizes it when it is moved to a "
+            "device, e.g. module.to('cpu') or module.cuda())"
+        )
+    if not isinstance(state, bnbf.QuantState) or state.shape is None or len(state.shape) != 2:
+        raise ValueError("module: expected a 2-D bitsandbytes QuantState on its weight")
+    if state.code is not None and not torch.equal(state.code.float().cpu(), reference.nf4_code()):
+        raise ValueError("module: its quant_state.code is not bitsandbytes' NF4 table")
+    data = weight.data
+    if getattr(state, "packing_format_for_cpu", False):
+        shape = (int(state.shape[0]), int(state.shape[1]))
+        packed = _unshuffle_cpu_packing(data, shape)
+        absmax = state.absmax.T.reshape(-1).float()  # bitsandbytes stores it [in / blocksize, out] in bf16
+        return packed, bnbf.QuantState(
+            absmax=absmax, shape=torch.Size(shape), dtype=getattr(state, "original_dtype", state.dtype),
+            blocksize=state.blocksize, code=reference.nf4_code(packed.device), quant_type="nf4",
+        )
+    if data.dtype != torch.uint8:  # quant_storage other than uint8: the same bytes, another view
+        data = data.contiguous().view(torch.uint8)
+    return data, state
+
+
+def _unshuffle_cpu_packing(weight: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Undo bitsandbytes' AVX512-BF16 CPU repacking (``_convert_weight_packed_for_cpu``, block_n=32).
+
+    ``weight``: uint8 ``[N, K / 2]`` in that layout (per 32 rows and 2 columns, 64 codes stored as 32 bytes: low
+    nibbles the first 32 codes, high nibbles the last 32). Returns the standard bitsandbytes packing, uint8
+    ``[N * K / 2, 1]``. Lossless: only the codes' positions change.
+    """
+    n, k = shape
+    block_n = 32
+    if weight.dtype != torch.uint8:
+        weight = weight.view(torch.uint8)
+    if n % block_n or k % 2 or weight.numel() * 2 != n * k:
+        raise ValueError(f"module: CPU-packed weight of {weight.numel()} bytes does not fit shape {list(shape)}")
+    rows = weight.reshape(-1, block_n)
+    codes = torch.cat([rows & 0xF, rows >> 4], dim=-1)  # [.., 64]: 32 low nibbles then 32 high nibbles
+    codes = codes.reshape(n // block_n, k // 2, block_n, 2).transpose(1, 2).reshape(-1)  # row-major [N * K]
+    return ((codes[0::2] << 4) | codes[1::2]).to(torch.uint8).reshape(-1, 1)
 
 
 def nf4_quantize(
@@ -47,13 +119,12 @@ def nf4_quantize(
         raise TypeError(f"weight: expected float32, bfloat16 or float16, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError("weight: cannot quantize an empty tensor")
-    if blocksize not in NF4_BLOCKSIZES:
-        raise ValueError(f"blocksize: expected one of {NF4_BLOCKSIZES}, got {blocksize!r}")
+    _args.one_of("blocksize", blocksize, NF4_BLOCKSIZES)
     packed, absmax = dispatch(
         "nf4_quantize", backend, weight.device, reference.nf4_quantize_blocks, weight.contiguous(), blocksize
     )
-    bnbf = _bnb()
-    code = torch.tensor(reference.NF4_CODE, dtype=torch.float32, device=weight.device)
+    bnbf = import_bnb()
+    code = reference.nf4_code(weight.device)
     if compress_statistics:
         offset = absmax.mean()
         qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
@@ -70,7 +141,7 @@ def nf4_quantize(
 
 def _block_absmax(packed: torch.Tensor, quant_state) -> tuple[torch.Tensor, int]:
     """Check ``quant_state`` against ``packed``; return the float32 absmax per block and the numel."""
-    bnbf = _bnb()
+    bnbf = import_bnb()
     if not isinstance(quant_state, bnbf.QuantState):
         raise TypeError(f"quant_state: expected a bitsandbytes QuantState, got {type(quant_state).__name__}")
     if quant_state.quant_type != "nf4":
@@ -122,7 +193,7 @@ def nf4_linear(
     _checks.tensor("x", x)
     if x.dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"x: expected float32, bfloat16 or float16, got {x.dtype}")
-    if not isinstance(quant_state, _bnb().QuantState):
+    if not isinstance(quant_state, import_bnb().QuantState):
         raise TypeError(f"quant_state: expected a bitsandbytes QuantState, got {type(quant_state).__name__}")
     if len(quant_state.shape) != 2:
         raise ValueError(f"quant_state: expected a 2-D weight [out, in], got shape {list(quant_state.shape)}")

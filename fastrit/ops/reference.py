@@ -30,6 +30,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# the one NF4 table (plain Python, shared with the Triton kernels; csrc/nf4_code.h is generated from it)
+from .. import _args
+from ..kernels.nf4_code import NF4_CODE, NF4_CUDA_THRESHOLDS
+
 __all__ = [
     "NF4_CODE",
     "NF4_CUDA_THRESHOLDS",
@@ -45,33 +49,6 @@ __all__ = [
     "nf4_quantize_blocks",
     "nf4_dequantize_blocks",
 ]
-
-#: The 16 NF4 code values (bitsandbytes' table, ascending; index = the 4-bit code).
-NF4_CODE = (
-    -1.0,
-    -0.6961928009986877,
-    -0.5250730514526367,
-    -0.39491748809814453,
-    -0.28444138169288635,
-    -0.18477343022823334,
-    -0.09105003625154495,
-    0.0,
-    0.07958029955625534,
-    0.16093020141124725,
-    0.24611230194568634,
-    0.33791524171829224,
-    0.44070982933044434,
-    0.5626170039176941,
-    0.7229568362236023,
-    1.0,
-)
-
-#: The 15 bucket thresholds of bitsandbytes' CUDA quantizer, as float32 bit patterns (ascending): the
-#: immediates its compiled ``dQuantizeNF4`` compares against (four are 1 ulp off the midpoints of NF4_CODE).
-NF4_CUDA_THRESHOLDS = (
-    0xBF591CD9, 0xBF1C5270, 0xBEEB8480, 0xBEADEA76, 0xBE703CEC, 0xBE0D38BC, 0xBD3A7871, 0x3D22FAFF,
-    0x3DF64863, 0x3E5067E0, 0x3E9582D4, 0x3EC753F9, 0x3F006D03, 0x3F248DAF, 0x3F5C89D9,
-)
 
 #: The NF4 rounding rules: bitsandbytes' CPU backend and its CUDA kernels.
 NF4_RULES = ("cpu", "cuda")
@@ -152,7 +129,8 @@ def col_sparse_grad(grad_out: torch.Tensor, h: torch.Tensor, cols: torch.Tensor)
     return (grad_out.float().t() @ h.float()[:, cols]).to(h.dtype)
 
 
-def _nf4_code(device: torch.device) -> torch.Tensor:
+def nf4_code(device: torch.device | str | None = None) -> torch.Tensor:
+    """:data:`NF4_CODE` as float32 ``[16]`` on ``device``."""
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
@@ -160,8 +138,7 @@ def nf4_rule(device: torch.device, rule: str | None = None) -> str:
     """``rule`` checked, or the rule of tensors on ``device``: "cuda" on CUDA devices, "cpu" elsewhere."""
     if rule is None:
         return "cuda" if device.type == "cuda" else "cpu"
-    if rule not in NF4_RULES:
-        raise ValueError(f"rule: expected one of {NF4_RULES}, got {rule!r}")
+    _args.one_of("rule", rule, NF4_RULES)
     return rule
 
 
@@ -197,7 +174,7 @@ def nf4_quantize_blocks(
         scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_absmax, -1, 1)])
     if n % 2:
         scaled = F.pad(scaled, (0, 1))
-    code = _nf4_code(flat.device)
+    code = nf4_code(flat.device)
     q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2).to(torch.uint8)
     return ((q[0::2] << 4) | q[1::2]).unsqueeze(1), absmax
 
@@ -230,7 +207,7 @@ def nf4_dequantize_blocks(
         n *= int(size)
     flat = packed.reshape(-1)
     q = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)[:n].long()
-    values = _nf4_code(flat.device)[q]
+    values = nf4_code(flat.device)[q]
     scale = absmax.float()[torch.arange(n, device=flat.device) // blocksize]
     if nf4_rule(packed.device, rule) == "cuda":
         return flush_subnormal(values * flush_subnormal(scale)).reshape(shape).to(dtype)

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_path
-from ..arch import decoder_layers, linear_in_features
-from ..nn.mlp_layout import mlp_layout
+from ..arch import ArchSpec, decoder_layers, linear_in_features, mlp_layout, mlp_of, model_spec, spec_from_json
 from .prepare import PREPARATION_ATTR, prepare, prepare_on_meta
 
 __all__ = ["load_delta", "save_delta"]
@@ -33,10 +32,11 @@ FORMAT = "fastrit-delta/1"
 METADATA_KEY = "fastrit_delta"
 
 
-def _identity(model: nn.Module) -> dict:
-    layout = mlp_layout(model)
-    layers = decoder_layers(model)
-    mlp = layers[0].mlp
+def _identity(model: nn.Module, spec: ArchSpec | None = None) -> dict:
+    layout = mlp_layout(model, spec)  # first: its error names the families prepare knows
+    spec = model_spec(model, spec)
+    layers = decoder_layers(model, spec)
+    mlp = mlp_of(layers[0], spec)
     intermediate = getattr(mlp, "intermediate_size", None)
     if not isinstance(intermediate, int) or not hasattr(mlp, "frozen_index"):
         intermediate = linear_in_features(getattr(mlp, layout.output))
@@ -103,15 +103,17 @@ def load_delta(base_model: nn.Module, path: str | os.PathLike) -> nn.Module:
     meta, tensors = _read(path)
     if getattr(base_model, PREPARATION_ATTR, None) is not None:
         raise ValueError("base_model: already prepared; load the delta onto a fresh base model")
-    identity = _identity(base_model)
+    settings = meta["settings"]
+    spec = spec_from_json(settings["spec"]) if settings.get("spec") is not None else None  # a family given by spec=
+    identity = _identity(base_model, spec)
     if identity != meta["model"]:
         raise ValueError(f"base_model: the delta was made from {meta['model']}, this model is {identity}")
-    settings = meta["settings"]
     train = settings["train"]
     kwargs = dict(deactivate=_indices(tensors, "deactivated.") or None, train_layers=meta["train_layers"],
                   train=train, quantize_frozen=settings["quantize_frozen"],
                   gradient_checkpointing=settings["gradient_checkpointing"],
-                  master_weights=settings.get("master_weights", False))  # deltas before master weights: none
+                  master_weights=settings.get("master_weights", False),  # deltas before master weights: none
+                  spec=spec)
     if train == "neurons":
         kwargs["neurons"] = _indices(tensors, "trainable_neurons.")
     if train == "lora":

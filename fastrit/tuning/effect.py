@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .. import _args
 from ..arch import resolve_arch
+from ..evaluate import eval_mode
 
 __all__ = ["ARGMAX_AGREEMENT_WARNING", "ModelChange", "check_batch", "compare", "next_token_logprobs",
            "zeroed_neurons"]
@@ -67,7 +69,7 @@ def check_batch(prompts) -> dict[str, torch.Tensor]:
             raise ValueError("check_prompts: attention_mask must have input_ids' shape")
         return {"input_ids": ids, "attention_mask": mask}
     if not isinstance(prompts, Sequence) or not prompts or any(
-            not isinstance(p, Sequence) or not p or any(isinstance(t, bool) or not isinstance(t, int) for t in p)
+            not isinstance(p, Sequence) or not p or not all(map(_args.is_integer, p))
             for p in prompts):
         raise TypeError("check_prompts: expected a batch dict or a non-empty list of non-empty token id lists")
     width = max(len(p) for p in prompts)
@@ -86,12 +88,10 @@ def next_token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor],
     row: the last ``max_positions // rows`` positions of each row (every row weighs the same; what is kept is
     positions x vocabulary floats). The model runs in eval mode and is given back in its mode."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     count = batch["input_ids"].shape[0]
     per_row = max(1, max_positions // count)
     rows = []
-    try:
+    with eval_mode(model):
         for row in range(count):
             keep = batch["attention_mask"][row].bool()
             ids = batch["input_ids"][row][keep][None].to(device)
@@ -99,8 +99,6 @@ def next_token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor],
                 raise ValueError(f"check_prompts: prompt {row} has no attended token")
             logits = model(input_ids=ids, use_cache=False).logits[0, -per_row:]
             rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(rows)
 
 

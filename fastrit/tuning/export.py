@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import _args
+from ..arch import dense_weight, is_conv1d, mlp_layout
 from ..nn import NeuronMLP, NF4Linear
-from ..nn.mlp_layout import dense_weight, is_conv1d, mlp_layout
 from .prepare import PREPARATION_ATTR, meta_copy
 
 __all__ = ["export"]
@@ -159,8 +160,7 @@ def export(model: nn.Module, out_dir: str | os.PathLike, *, quantized: bool = Fa
 
     if getattr(model, PREPARATION_ATTR, None) is None:
         raise ValueError("model: not prepared by fastrit.prepare (a plain model saves with save_pretrained)")
-    if not isinstance(quantized, bool):
-        raise TypeError(f"quantized: expected True or False, got {quantized!r}")
+    _args.flag("quantized", quantized, type_error=True)
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ValueError(f"out_dir: {out_dir} exists and is not an empty folder")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _args
+
 __all__ = ["IGNORE_INDEX", "MAX_CHUNK_BYTES", "MIN_CHUNK_BYTES", "causal_lm_loss", "chunk_positions",
            "loss_chunk_bytes"]
 
@@ -165,12 +167,10 @@ def causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tens
     softcap = getattr(inner.config, "final_logit_softcapping", None)
     if chunk_bytes is None:
         chunk_bytes = device_chunk_bytes(head.weight.device)
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes: expected a positive number of bytes, got {chunk_bytes!r}")
+    _args.positive("chunk_bytes", chunk_bytes, what="a positive number of bytes")
     if chunk_size is None:
         chunk_size = chunk_positions(head.out_features, head.weight.dtype, bool(softcap), chunk_bytes)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive int, got {chunk_size!r}")
+    _args.positive("chunk_size", chunk_size)
     hidden = _final_hidden_states(model, inner, input_ids, attention_mask)
     targets = labels[:, 1:]
     picked = targets != IGNORE_INDEX

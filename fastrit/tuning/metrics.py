@@ -25,12 +25,13 @@ import datasets
 import torch
 from torch import nn
 
+from .. import _args
 from .. import data as rag
 from ..arch import max_positions
 from ..data import ANSWER_MARKER, EVIDENCE_MARKER, RagData
 from ..data.text import sentences
 from ..data.turns import end_token_id, stop_token_ids
-from ..evaluate import greedy_continuations, marker_end, marker_variants, until_stop
+from ..evaluate import eval_mode, greedy_continuations, marker_end, marker_variants, until_stop
 from .loss import causal_lm_loss
 from .stages import IGNORE_INDEX, collate
 
@@ -41,20 +42,15 @@ __all__ = ["EvidenceAnswerLoss", "answer_loss", "answer_loss_after_evidence", "a
 def answer_loss(model: nn.Module, examples, tokenizer, *, batch_size: int = 32) -> float:
     """Mean cross-entropy per target token of ``examples`` (a stage dataset: input_ids and labels), no grad."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))], pad)
-                tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                loss = causal_lm_loss(model, batch["input_ids"].to(model.device), batch["labels"].to(model.device),
-                                      batch["attention_mask"].to(model.device))
-                total += float(loss) * tokens
-                count += tokens
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))], pad)
+            tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            loss = causal_lm_loss(model, batch["input_ids"].to(model.device), batch["labels"].to(model.device),
+                                  batch["attention_mask"].to(model.device))
+            total += float(loss) * tokens
+            count += tokens
     return total / max(count, 1)
 
 
@@ -103,8 +99,7 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
     appended when it wrote none. Then the first gold answer and the end token are teacher forced and scored.
     The model is put in eval mode and given back in the mode it had.
     """
-    if not isinstance(max_evidence_tokens, int) or max_evidence_tokens < 1:
-        raise ValueError(f"max_evidence_tokens: expected a positive integer, got {max_evidence_tokens!r}")
+    _args.positive("max_evidence_tokens", max_evidence_tokens)
     built = _prompts_with_room(model, tokenizer, data, max_evidence_tokens, k, template, seed)
     markers = _answer_markers(tokenizer, built.texts[0])
     eos = end_token_id(tokenizer, template)
@@ -112,9 +107,7 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
     stop_set = set(stops)
     rows: dict[str, list] = {"input_ids": [], "labels": []}
     written = 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for start in range(0, len(built), batch_size):
             span = range(start, min(start + batch_size, len(built)))
             with torch.inference_mode():
@@ -130,8 +123,6 @@ def answer_loss_after_evidence(model: nn.Module, tokenizer, data: RagData, *, k:
                 prompt = built.prompt_ids[row] + evidence
                 rows["input_ids"].append(prompt + target)
                 rows["labels"].append([IGNORE_INDEX] * len(prompt) + target)
-    finally:
-        model.train(was_training)
     examples = datasets.Dataset.from_dict(rows)
     loss = answer_loss(model, examples, tokenizer, batch_size=batch_size)
     return EvidenceAnswerLoss(loss, len(examples), written / len(examples))
@@ -196,12 +187,8 @@ def answer_loss_over_evidence(model: nn.Module, tokenizer, data: RagData, *, k: 
             rows.append((prompt, list(way)))
             owner.append(row)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         logprobs = torch.tensor(_target_logprobs(model, rows, pad, batch_size), dtype=torch.float64)
-    finally:
-        model.train(was_training)
     owners = torch.tensor(owner)
     total = -sum(float(torch.logsumexp(logprobs[owners == row], dim=0)) for row in range(len(built)))
     return total / answer_tokens
@@ -257,10 +244,9 @@ def answer_loss_over_own_evidence(model: nn.Module, tokenizer, data: RagData, *,
 
     Returns the summed loss over the summed number of answer tokens, as :func:`answer_loss` counts them.
     """
-    for name, value in (("samples", samples), ("max_evidence_tokens", max_evidence_tokens),
-                        ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    _args.positive("samples", samples)
+    _args.positive("max_evidence_tokens", max_evidence_tokens)
+    _args.positive("batch_size", batch_size)
     built = _prompts_with_room(model, tokenizer, data, max_evidence_tokens, k, template, seed)
     eos = end_token_id(tokenizer, template)
     end = [eos] if eos is not None else []
@@ -268,10 +254,8 @@ def answer_loss_over_own_evidence(model: nn.Module, tokenizer, data: RagData, *,
     markers = _answer_markers(tokenizer, built.texts[0])
     stops = stop_token_ids(tokenizer, model)
     total, answer_tokens = 0.0, 0
-    was_training = model.training
-    model.eval()
     cuda = model.device.type == "cuda"
-    try:
+    with eval_mode(model):
         # only the generator that draws (the CPU's, or the model's GPU's) is seeded, and it is restored on exit
         with torch.random.fork_rng(devices=[model.device] if cuda else []):
             generator = torch.cuda.default_generators[model.device.index or 0] if cuda else torch.default_generator
@@ -290,6 +274,4 @@ def answer_loss_over_own_evidence(model: nn.Module, tokenizer, data: RagData, *,
                 if sampled is not None:
                     ways.append(opener_lp + sampled)
                 total -= float(torch.logsumexp(torch.stack(ways), dim=0))
-    finally:
-        model.train(was_training)
     return total / answer_tokens

@@ -36,10 +36,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..arch import decoder_layers, linear_in_features
+from .. import _args
+from ..arch import (
+    SPEC_ATTR,
+    ArchSpec,
+    MLPLayout,
+    decoder_layers,
+    is_bnb_4bit,
+    is_conv1d,
+    linear_in_features,
+    mlp_layout,
+    mlp_of,
+    model_spec,
+    set_mlp,
+    spec_to_json,
+)
 from ..mining import SET_NAMES, NeuronSets
 from ..nn import NeuronMLP, NF4Linear
-from ..nn.mlp_layout import MLPLayout, is_bnb_4bit, is_conv1d, mlp_layout
 from .deactivation import DEFAULT_TOLERANCE, limit_deactivation
 from .effect import ARGMAX_AGREEMENT_WARNING, check_batch, compare, next_token_logprobs, zeroed_neurons
 
@@ -87,7 +100,7 @@ def _index_map(name: str, value, num_layers: int, intermediate: int) -> dict[int
                         f"{type(value).__name__}")
     out = {}
     for layer, indices in value.items():
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+        if not _args.is_integer(layer) or not 0 <= layer < num_layers:
             raise ValueError(f"{name}: layer {layer!r} out of range [0, {num_layers})")
         tensor = torch.as_tensor(indices)
         if tensor.numel() and (tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dim() != 1):
@@ -162,6 +175,7 @@ def prepare(
     planned_batch: tuple[int, int] = PLANNED_BATCH,
     check_prompts=None,
     deactivation_tolerance: float | None = DEFAULT_TOLERANCE,
+    spec: ArchSpec | None = None,
 ) -> nn.Module:
     """Prepare ``model`` for Neuro-RIT training, in place, and return it (see the module docstring).
 
@@ -173,11 +187,10 @@ def prepare(
         train: "mlp", "neurons" or "lora".
         neurons: ``train="neurons"``: a set name or ``{layer: indices}`` (restricted to the target layers).
         quantize_frozen: "nf4" (frozen decoder linear layers in NF4), None (kept in their dtype), or "auto":
-            chosen with ``gradient_checkpointing`` from the memory there is (fastrit.tuning.auto.choose_settings:
-            the first of dense without checkpointing, dense with it, NF4 without, NF4 with, whose training step of
-            ``planned_batch`` fits ``memory_budget`` by :func:`fastrit.plan_memory`; default budget: what the model
-            holds plus the device's available memory, x0.9); the choice and why are in ``Preparation.settings``
-            ("quantize_frozen", "gradient_checkpointing", "quantize_reason") and logged.
+            chosen with ``gradient_checkpointing`` so that a training step of ``planned_batch`` fits ``memory_budget``
+            (default: the model plus the device's available memory, x0.9; fastrit.tuning.auto.choose_settings); the
+            choice and why are in ``Preparation.settings`` ("quantize_frozen", "gradient_checkpointing",
+            "quantize_reason") and logged.
         lora_config: ``train="lora"``: a ``peft.LoraConfig`` (default: r=8, alpha=16 on the MLP projections);
             its target modules and ``layers_to_transform`` are set to the target layers' MLPs.
         gradient_checkpointing: True / False: (non-reentrant) gradient checkpointing on the decoder layers or not;
@@ -193,92 +206,188 @@ def prepare(
             neurons most specific to irrelevant contexts are kept, as many as stay within it
             (fastrit.tuning.deactivation; the search is in ``Preparation.settings["deactivation_limit"]``). None:
             the whole set, whatever it does.
+        spec: where the layers and the MLP's projections are, for a family fastrit does not know
+            (``fastrit.ArchSpec(..., mlp=fastrit.MLPLayout(...))``); recorded on the model, so that deltas and export
+            find them too. Default: the family's entry in ``fastrit.arch.FAMILIES``.
 
     Raises ValueError/TypeError naming the argument, with the model untouched, for: neuron sets of another
     model shape or type, layers or neuron indices out of range, an unknown ``train`` / ``deactivate`` /
     ``quantize_frozen``, or a model prepared already.
     """
+    _check_options(model, train, quantize_frozen, gradient_checkpointing, master_weights, memory_budget, planned_batch)
+    check = None if check_prompts is None else check_batch(check_prompts)
+    plan = _plan(model, neuron_sets, spec, deactivate=deactivate, train_layers=train_layers, train=train,
+                 neurons=neurons, lora_config=lora_config, deactivation_tolerance=deactivation_tolerance)
+    # forward passes only, so after the cheap checks; the original model's predictions serve the search and the report
+    before = None if check is None else next_token_logprobs(model, check)
+    deactivation_limit = _limit_deactivation(model, plan, neuron_sets, check, before, deactivate,
+                                             deactivation_tolerance)
+    plan.trainable = _trainable(plan, neurons, neuron_sets)
+    _rehearse(model, plan)  # nothing above changed the model
+    quantize_frozen, gradient_checkpointing, quantize_reason = _memory_settings(
+        model, plan, quantize_frozen, gradient_checkpointing, master_weights, memory_budget, planned_batch)
+    deactivated_only = _deactivated_only(model, plan, check, before)
+    applied_lora = _apply(model, plan, quantize_frozen == "nf4", gradient_checkpointing, master_weights)
+    preparation = _record(model, plan, applied_lora, explicit_spec=spec is not None, settings={
+        "deactivate": deactivate if isinstance(deactivate, str | None) else "explicit", "train": train,
+        "neurons": neurons if isinstance(neurons, str) else "explicit", "quantize_frozen": quantize_frozen,
+        "quantize_reason": quantize_reason, "deactivation_limit": deactivation_limit,
+        "gradient_checkpointing": gradient_checkpointing, "master_weights": master_weights})
+    if check is not None:
+        preparation.effect = _measure_effect(model, check, before, deactivated_only, plan.deactivated,
+                                             quantize_frozen)
+    return model
+
+
+def _deactivated_only(model: nn.Module, plan: _Plan, check, before):
+    """The next-token log-probabilities on ``check`` of the model with the planned neurons zeroed (before anything
+    else changes), or None without check prompts."""
+    if check is None:
+        return None
+    if not plan.deactivated:
+        return before
+    with zeroed_neurons(model, plan.deactivated):
+        return next_token_logprobs(model, check)
+
+
+def _record(model: nn.Module, plan: _Plan, applied_lora: dict | None, *, explicit_spec: bool,
+            settings: dict) -> Preparation:
+    """Record what was done on the model (:data:`PREPARATION_ATTR`; an explicit spec also in ``settings["spec"]``
+    and at :data:`fastrit.arch.SPEC_ATTR`, for deltas and export); the Preparation."""
+    if explicit_spec:  # a family the registry does not hold: deltas and export need it again
+        settings["spec"] = spec_to_json(plan.spec)
+        setattr(model, SPEC_ATTR, plan.spec)
+    preparation = Preparation(plan.deactivated, plan.trainable if plan.train != "lora" else {}, plan.train_layers,
+                              settings, applied_lora)
+    setattr(model, PREPARATION_ATTR, preparation)  # the model is prepared: recorded before anything else can fail
+    return preparation
+
+
+def _check_options(model, train, quantize_frozen, gradient_checkpointing, master_weights, memory_budget,
+                   planned_batch) -> None:
+    """ValueError/TypeError naming a prepared model or the first of prepare's plain options out of range."""
     if getattr(model, PREPARATION_ATTR, None) is not None:
         raise ValueError("model: already prepared by fastrit.prepare; load a fresh model to prepare again")
-    if train not in TRAIN_MODES:
-        raise ValueError(f"train: expected one of {TRAIN_MODES}, got {train!r}")
-    if quantize_frozen not in QUANTIZE_CHOICES:
-        raise ValueError(f"quantize_frozen: expected one of {QUANTIZE_CHOICES}, got {quantize_frozen!r}")
+    _args.one_of("train", train, TRAIN_MODES)
+    _args.one_of("quantize_frozen", quantize_frozen, QUANTIZE_CHOICES)
     if not (isinstance(gradient_checkpointing, bool) or gradient_checkpointing == "auto"):
         raise ValueError(f"gradient_checkpointing: expected True, False or 'auto', got {gradient_checkpointing!r}")
-    if not isinstance(master_weights, bool):
-        raise TypeError(f"master_weights: expected True or False, got {master_weights!r}")
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                      or memory_budget < 1):
-        raise ValueError(f"memory_budget: expected None or a positive number of bytes, got {memory_budget!r}")
+    _args.flag("master_weights", master_weights, type_error=True)
+    _args.positive("memory_budget", memory_budget, optional=True, what="a positive number of bytes")
     if (not isinstance(planned_batch, tuple | list) or len(planned_batch) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in planned_batch)):
+            or not all(_args.is_integer(v) and v >= 1 for v in planned_batch)):
         raise ValueError(f"planned_batch: expected (batch size, sequence length), got {planned_batch!r}")
-    check = None if check_prompts is None else check_batch(check_prompts)
-    layout = mlp_layout(model)
-    layers = decoder_layers(model)
+
+
+@dataclass
+class _Plan:
+    """What :func:`prepare` will do, checked: where the MLPs are, which neurons go where, what trains."""
+
+    spec: ArchSpec
+    layout: MLPLayout
+    intermediate: int
+    deactivated: dict[int, torch.Tensor]
+    trainable: dict[int, torch.Tensor]
+    train: str
+    train_layers: list[int]
+    lora_config: object
+    num_layers: int
+
+    def kept(self) -> dict[int, torch.Tensor]:
+        """``{layer: int64 indices}`` of the neurons every layer keeps (all but the deactivated)."""
+        everything = torch.arange(self.intermediate)
+        none = torch.empty(0, dtype=torch.long)
+        return {layer: everything[~torch.isin(everything, self.deactivated.get(layer, none))]
+                for layer in range(self.num_layers)}
+
+
+def _plan(model, neuron_sets, spec, *, deactivate, train_layers, train, neurons, lora_config,
+          deactivation_tolerance) -> _Plan:
+    """prepare's neuron and layer arguments checked against the model and resolved into a :class:`_Plan`."""
+    layout = mlp_layout(model, spec)  # first: its error names the families prepare knows
+    spec = model_spec(model, spec)
+    layers = decoder_layers(model, spec)
     num_layers = len(layers)
-    intermediate = linear_in_features(getattr(layers[0].mlp, layout.output))
+    intermediate = linear_in_features(getattr(mlp_of(layers[0], spec), layout.output))
     _check_neuron_sets(neuron_sets, model, num_layers, intermediate)
     deactivated = {} if deactivate is None else _neuron_map("deactivate", deactivate, neuron_sets, num_layers,
                                                            intermediate)
     deactivated = {layer: idx for layer, idx in deactivated.items() if idx.numel()}
-    if deactivation_tolerance is not None and (isinstance(deactivation_tolerance, bool) or not isinstance(
-            deactivation_tolerance, int | float) or not 0 <= deactivation_tolerance < 1):
-        raise ValueError(f"deactivation_tolerance: expected None or a share in [0, 1), got {deactivation_tolerance!r}")
+    _args.number("deactivation_tolerance", deactivation_tolerance, low=0, high=1, low_open=False, high_open=True,
+                 optional=True, what="a share in [0, 1)")
     if train_layers is None:
         if neuron_sets is None:
             raise ValueError("train_layers: give the layers to train, or neuron_sets to take its target layers")
         train_layers = list(neuron_sets.target_layers)
-    if not isinstance(train_layers, list | tuple) or any(
-            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_layers for t in train_layers):
+    if not isinstance(train_layers, list | tuple) or not all(
+            _args.is_integer(t) and 0 <= t < num_layers for t in train_layers):
         raise ValueError(f"train_layers: expected layer indices in [0, {num_layers}), got {train_layers!r}")
-    train_layers = sorted(set(train_layers))
     if train == "lora" and lora_config is not None and type(lora_config).__name__ != "LoraConfig":
         raise TypeError(f"lora_config: expected a peft.LoraConfig, got {type(lora_config).__name__}")
-    # forward passes only, so after the cheap checks; the original model's predictions serve the search and the report
-    before = None if check is None else next_token_logprobs(model, check)
-    deactivation_limit = None
-    if (deactivation_tolerance is not None and check is not None and isinstance(deactivate, str)
-            and neuron_sets is not None and deactivated and not _on_meta(model)):
-        deactivated, deactivation_limit = limit_deactivation(model, deactivated, neuron_sets, check, before,
-                                                             float(deactivation_tolerance))
-        logger.info("fastrit.prepare: deactivating %s", deactivation_limit)
-    everything = torch.arange(intermediate)
-    kept = {layer: everything[~torch.isin(everything, deactivated.get(layer, torch.empty(0, dtype=torch.long)))]
-            for layer in range(num_layers)}
-    trainable: dict[int, torch.Tensor] = {}
-    if train == "mlp":
-        trainable = {layer: kept[layer] for layer in train_layers}
-    elif train == "neurons":
-        chosen = _neuron_map("neurons", neurons, neuron_sets, num_layers, intermediate)
-        for layer in train_layers:
-            picked = chosen.get(layer, torch.empty(0, dtype=torch.long))
-            if bool(torch.isin(picked, deactivated.get(layer, torch.empty(0, dtype=torch.long))).any()):
-                raise ValueError(f"neurons: layer {layer}: a trainable neuron is also deactivated")
-            trainable[layer] = picked
+    return _Plan(spec, layout, intermediate, deactivated, {}, train, sorted(set(train_layers)), lora_config,
+                 num_layers)
 
-    # --- nothing above changed the model. The changes are rehearsed on a copy of it on the meta device (no memory),
-    # so that anything that would fail half-way (e.g. a LoraConfig PEFT refuses) fails before the model is touched.
-    plan = dict(layout=layout, deactivated=deactivated, trainable=trainable, kept=kept, train=train,
-                train_layers=train_layers, lora_config=lora_config)
+
+def _trainable(plan: _Plan, neurons, neuron_sets) -> dict[int, torch.Tensor]:
+    """``{target layer: int64 indices}`` of the trainable neurons (``train="mlp"``: every kept one)."""
+    if plan.train == "mlp":
+        kept = plan.kept()
+        return {layer: kept[layer] for layer in plan.train_layers}
+    if plan.train != "neurons":
+        return {}
+    chosen = _neuron_map("neurons", neurons, neuron_sets, plan.num_layers, plan.intermediate)
+    trainable = {}
+    for layer in plan.train_layers:
+        picked = chosen.get(layer, torch.empty(0, dtype=torch.long))
+        if bool(torch.isin(picked, plan.deactivated.get(layer, torch.empty(0, dtype=torch.long))).any()):
+            raise ValueError(f"neurons: layer {layer}: a trainable neuron is also deactivated")
+        trainable[layer] = picked
+    return trainable
+
+
+def _limit_deactivation(model, plan: _Plan, neuron_sets, check, before, deactivate,
+                        deactivation_tolerance) -> dict | None:
+    """With a tolerance, check prompts and a set name: keep only as much of the set as stays within the tolerance
+    (``plan.deactivated`` updated); the search, or None."""
+    if (deactivation_tolerance is None or check is None or not isinstance(deactivate, str)
+            or neuron_sets is None or not plan.deactivated or _on_meta(model)):
+        return None
+    plan.deactivated, limit = limit_deactivation(model, plan.deactivated, neuron_sets, check, before,
+                                                 float(deactivation_tolerance))
+    logger.info("fastrit.prepare: deactivating %s", limit)
+    return limit
+
+
+def _rehearse(model: nn.Module, plan: _Plan) -> None:
+    """Apply the plan to a copy of the model on the meta device (no memory), so that anything that would fail
+    half-way (e.g. a LoraConfig PEFT refuses) fails before the model is touched. A model on the meta device is a
+    rehearsal itself (:func:`prepare_on_meta`, the memory planner): nothing to copy."""
+    if _on_meta(model):
+        return
     skeleton = meta_copy(model)
     if skeleton is not None:
-        _modify(skeleton, **plan, quantize=False)
+        _modify(skeleton, plan, quantize=False)
+
+
+def _memory_settings(model, plan: _Plan, quantize_frozen, gradient_checkpointing, master_weights, memory_budget,
+                     planned_batch) -> tuple[str | None, bool, str]:
+    """``(quantize_frozen, gradient_checkpointing, why)``: as asked, or each "auto" chosen from the memory."""
     if not getattr(model, "supports_gradient_checkpointing", False) and gradient_checkpointing == "auto":
         gradient_checkpointing = False  # nothing to choose: the model cannot checkpoint
-    quantize_reason = (f"{'NF4' if quantize_frozen == 'nf4' else 'dtype'} frozen layers, "
-                       f"{'' if gradient_checkpointing else 'no '}checkpointing: as asked")
-    if "auto" in (quantize_frozen, gradient_checkpointing):
-        quantize_frozen, gradient_checkpointing, quantize_reason = _choose_settings(
-            model, train, train_layers, trainable, quantize_frozen, gradient_checkpointing, master_weights,
-            memory_budget, planned_batch)
-        logger.info("fastrit.prepare: %s", quantize_reason)
-    deactivated_only = None
-    if check is not None:
-        with zeroed_neurons(model, deactivated):
-            deactivated_only = next_token_logprobs(model, check) if deactivated else before
-    applied_lora = _modify(model, **plan, quantize=quantize_frozen == "nf4")
+    if "auto" not in (quantize_frozen, gradient_checkpointing):
+        return quantize_frozen, gradient_checkpointing, (
+            f"{'NF4' if quantize_frozen == 'nf4' else 'dtype'} frozen layers, "
+            f"{'' if gradient_checkpointing else 'no '}checkpointing: as asked")
+    chosen = _choose_settings(model, plan.train, plan.train_layers, plan.trainable, quantize_frozen,
+                              gradient_checkpointing, master_weights, memory_budget, planned_batch)
+    logger.info("fastrit.prepare: %s", chosen[2])
+    return chosen
+
+
+def _apply(model: nn.Module, plan: _Plan, quantize: bool, gradient_checkpointing: bool,
+           master_weights: bool) -> dict | None:
+    """Change the model as planned: MLPs, LoRA, NF4, master weights, checkpointing; the LoRA config applied."""
+    applied_lora = _modify(model, plan, quantize=quantize)
     if master_weights:
         keep_master_weights(model)
     if getattr(model, "hf_quantizer", None) is not None and not any(is_bnb_4bit(m) for m in model.modules()):
@@ -287,20 +396,10 @@ def prepare(
         model.hf_quantizer.remove_quantization_config(model)
         model.is_loaded_in_4bit = False
     if gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        enable_checkpointing(model, train_layers, train)
+        enable_checkpointing(model, plan.train_layers, plan.train, plan.spec)
     else:
         disable_checkpointing(model)  # also what a user enabled before: the settings say none
-    settings = {"deactivate": deactivate if isinstance(deactivate, str | None) else "explicit",
-                "train": train, "neurons": neurons if isinstance(neurons, str) else "explicit",
-                "quantize_frozen": quantize_frozen, "quantize_reason": quantize_reason,
-                "deactivation_limit": deactivation_limit,
-                "gradient_checkpointing": gradient_checkpointing, "master_weights": master_weights}
-    preparation = Preparation(deactivated, trainable if train != "lora" else {}, train_layers, settings,
-                              applied_lora)
-    setattr(model, PREPARATION_ATTR, preparation)  # the model is prepared: recorded before anything else can fail
-    if check is not None:
-        preparation.effect = _measure_effect(model, check, before, deactivated_only, deactivated, quantize_frozen)
-    return model
+    return applied_lora
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -395,22 +494,22 @@ def prepare_on_meta(model: nn.Module, neuron_sets: NeuronSets | None = None, **k
                                              "gradient_checkpointing": False})
 
 
-def _modify(model: nn.Module, *, layout: MLPLayout, deactivated: dict, trainable: dict, kept: dict, train: str,
-            train_layers: list[int], lora_config, quantize: bool) -> dict | None:
+def _modify(model: nn.Module, plan: _Plan, *, quantize: bool) -> dict | None:
     """Freeze, rebuild the MLPs, add LoRA and quantize (the checked plan of :func:`prepare`); the LoRA config
     applied, as JSON values, or None."""
     model.requires_grad_(False)
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, plan.spec)
+    kept = plan.kept()
     for layer_index, layer in enumerate(layers):
-        if layer_index in deactivated or layer_index in trainable:
-            lora_target = train == "lora" and layer_index in train_layers
-            layer.mlp = NeuronMLP.from_mlp(
-                layer.mlp, layout, keep=kept[layer_index],
-                train=trainable.get(layer_index, torch.empty(0, dtype=torch.long)),
+        if layer_index in plan.deactivated or layer_index in plan.trainable:
+            lora_target = plan.train == "lora" and layer_index in plan.train_layers
+            set_mlp(layer, plan.spec, NeuronMLP.from_mlp(
+                mlp_of(layer, plan.spec), plan.layout, keep=kept[layer_index],
+                train=plan.trainable.get(layer_index, torch.empty(0, dtype=torch.long)),
                 quantize_frozen=quantize and not lora_target,  # PEFT wraps dense layers; quantized below
-                train_out_bias=train == "mlp" and layer_index in trainable, mask_frozen=lora_target,
-            )
-    applied_lora = _inject_lora(model, layout, train_layers, lora_config) if train == "lora" else None
+                train_out_bias=plan.train == "mlp" and layer_index in plan.trainable, mask_frozen=lora_target,
+            ))
+    applied_lora = _inject_lora(model, plan) if plan.train == "lora" else None
     for layer in layers:  # LoRA's base layers too (QLoRA): PEFT wrapped them while they were dense
         for parent, name, child in _frozen_linears(layer):
             if quantize or is_bnb_4bit(child):  # bitsandbytes layers run on fastrit's kernels in any case
@@ -418,7 +517,7 @@ def _modify(model: nn.Module, *, layout: MLPLayout, deactivated: dict, trainable
     return applied_lora
 
 
-def enable_checkpointing(model: nn.Module, train_layers: list[int], train: str) -> None:
+def enable_checkpointing(model: nn.Module, train_layers: list[int], train: str, spec: ArchSpec | None = None) -> None:
     """Non-reentrant activation checkpointing on the decoder layers where it saves memory, with backward stopping
     at the lowest layer that holds a trainable parameter.
 
@@ -441,7 +540,7 @@ def enable_checkpointing(model: nn.Module, train_layers: list[int], train: str) 
     else:  # transformers releases before activation_checkpointing_enable
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     remove_input_grad_hooks(model)
-    layers = decoder_layers(model)
+    layers = decoder_layers(model, spec)
     keep = checkpointed_layers(len(layers), train_layers, train)
     for index, layer in enumerate(layers):
         if hasattr(layer, "gradient_checkpointing"):  # transformers' GradientCheckpointingLayer: a per-layer switch
@@ -483,9 +582,11 @@ def checkpointed_layers(num_layers: int, train_layers: list[int], train: str) ->
     return set(range(lowest, num_layers)) - skip
 
 
-def _inject_lora(model: nn.Module, layout: MLPLayout, train_layers: list[int], lora_config) -> dict:
+def _inject_lora(model: nn.Module, plan: _Plan) -> dict:
     """Add LoRA adapters to the target layers' MLP projections with PEFT; returns the config as JSON values."""
     from peft import LoraConfig, inject_adapter_in_model
+
+    layout, train_layers, lora_config = plan.layout, plan.train_layers, plan.lora_config
 
     # the latter three: a NeuronMLP's frozen projections (dense in LoRA target layers)
     names = [*layout.inputs, layout.output, "frozen_in.0", "frozen_in.1", "frozen_out"]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import datasets
 import torch
 
+from .. import _args
 from .. import data as rag
 from ..data import RagData
 from ..data.turns import end_token_id
@@ -55,8 +56,7 @@ def stage_data(data: RagData, tokenizer, stage: str, *, k: int = 5, template: st
     ``k``, ``template``, ``max_length``, ``seed`` and ``model`` are those of :func:`fastrit.data.prompts`; the
     end token (:func:`fastrit.data.turns.end_token_id`) closes every target when the tokenizer has one.
     """
-    if stage not in STAGES:
-        raise ValueError(f"stage: expected one of {STAGES}, got {stage!r}")
+    _args.one_of("stage", stage, STAGES)
     if not isinstance(data, RagData):
         raise TypeError(f"data: expected fastrit.data.RagData, got {type(data).__name__}")
     built = rag.prompts(data, tokenizer, condition="noisy", k=k, template=template, max_length=max_length,

@@ -233,7 +233,7 @@ def check_cuda(arch: int) -> tuple[list[str], list[str]]:
     flags = _nvcc_flags()
     if flags is None:
         return ["nvcc not on PATH: CUDA kernels not checked"], []
-    lines, faults = [], []
+    lines, faults, ptx = [], [], ""
     for source in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         with tempfile.TemporaryDirectory() as tmp:
             run = subprocess.run(
@@ -244,15 +244,15 @@ def check_cuda(arch: int) -> tuple[list[str], list[str]]:
             if run.returncode:
                 faults.append(f"nvcc sm_{arch} {os.path.basename(source)} failed:\n{run.stderr[-3000:]}")
                 continue
-            ptx = "".join(open(path).read() for path in glob.glob(os.path.join(tmp, "*.ptx")))
+            ptx += "".join(open(path).read() for path in glob.glob(os.path.join(tmp, "*.ptx")))
         names = re.findall(r"Compiling entry function '(\w+)'", run.stdout + run.stderr)
         for name, (regs, spill) in zip(names, _parse_ptxas(run.stdout + run.stderr), strict=True):
             lines.append(f"cuda sm_{arch} {name}: {regs} registers, {spill} bytes spilled")
             if spill:
                 faults.append(f"cuda sm_{arch} {name}: {spill} bytes spilled")
-        # the NF4 quantizer's PTX: its entry and the reciprocal it must use
-        if _lacks_rcp(ptx, "nf4_quantize_kernel"):
-            faults.append(f"cuda sm_{arch} {os.path.basename(source)}: nf4_quantize_kernel without {RCP} in its PTX")
+    # the NF4 quantizer's PTX (one file of csrc/cuda/ holds it): its entries and the reciprocal they must use
+    if _lacks_rcp(ptx, "nf4_quantize_kernel"):
+        faults.append(f"cuda sm_{arch}: nf4_quantize_kernel without {RCP} in its PTX")
     return lines, faults
 
 

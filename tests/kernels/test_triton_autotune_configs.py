@@ -159,8 +159,9 @@ def gpu_configs() -> dict[str, tuple[triton.Config, ...]]:
     if not INTERPRET:
         return {name: tuple(kernel.configs) for name, kernel in live_kernels().items()}
     found = {}
+    modules = kernel_modules()  # imported first, with the real INTERPRET (fastrit.kernels imports them lazily)
     with mock.patch.object(K._common, "INTERPRET", False):
-        for module in kernel_modules():
+        for module in modules:
             spec = importlib.util.spec_from_file_location(f"{module.__name__}_gpu_configs", module.__file__)
             copy = importlib.util.module_from_spec(spec)  # package fastrit.kernels: relative imports resolve
             spec.loader.exec_module(copy)

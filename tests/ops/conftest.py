@@ -23,7 +23,7 @@ def runnable_backends():
         names.append("cpp")
     if status["triton"] == "available" and os.environ.get("TRITON_INTERPRET") == "1":
         try:
-            import fastrit.kernels  # noqa: F401
+            import fastrit.kernels.ig  # noqa: F401
         except ImportError:
             pass
         else:
