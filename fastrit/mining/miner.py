@@ -4,7 +4,8 @@ The records are cut into chunks of :data:`CHUNK_RECORDS` consecutive records. Ch
 process ``c % world`` (interleaved, so processes finish together); after each round of ``world`` chunks every
 process gathers the round's statistics and adds them to the running total in chunk order. Counts are integers
 and every float sum is taken in one fixed order (records within a chunk, then chunks), so the result is the
-same bit for bit however the run was split across processes or interrupted and resumed.
+same bit for bit however the run was split across processes or interrupted and resumed (on the CPU, given the
+same threads per process: a matmul over another thread count may round differently).
 """
 
 from __future__ import annotations

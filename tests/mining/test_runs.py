@@ -12,6 +12,7 @@ import time
 
 import datasets
 import pytest
+import torch
 from safetensors import safe_open
 
 import fastrit
@@ -99,10 +100,14 @@ def test_sigkill_mid_run_and_during_the_final_write_then_resume(uninterrupted, t
 
 def test_torchrun_two_processes_equal_one(uninterrupted, tmp_path):
     out = tmp_path / "sharded"
+    # torchrun gives each process OMP_NUM_THREADS=1 unless it is set; a CPU matmul split over another number of
+    # threads rounds differently in the last bits (seen on an AVX-512 Xeon), so each process gets the threads
+    # the uninterrupted run in this process had: the sharding, not the thread count, is what is compared.
+    env = {**ENV, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "fastrit", *ARGS, "--out", str(out)],
-        env=ENV, capture_output=True, text=True, timeout=300,
+        env=env, capture_output=True, text=True, timeout=300,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert NeuronSets.load(out) == uninterrupted
