@@ -29,7 +29,7 @@ def differences(saved: Mapping, current: Mapping, prefix: str = "") -> list[str]
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += differences(a, b, f"{prefix}{key}.")
-        elif a != b:
+        elif a != b and json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):  # NaN equals NaN here
             out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
     return out
 
@@ -50,14 +50,18 @@ class RunFolder:
         notes: the top-level keys of the record that are not identity (what the run recorded beside it).
         exclusive: the folder holds this run's files only, so a non-empty folder without a record is refused
             (otherwise the run starts there beside what the folder holds).
+        derived: identity keys computed from the others (a hash of them): a refusal lists them only when nothing
+            else differs.
 
     Raises ValueError when ``directory`` exists and is not a directory.
     """
 
     def __init__(self, directory: str | os.PathLike, *, argument: str, record: str, identity: Mapping[str, Any],
-                 kind: str = "run", notes: Sequence[str] = (), exclusive: bool = False) -> None:
+                 kind: str = "run", notes: Sequence[str] = (), exclusive: bool = False,
+                 derived: Sequence[str] = ()) -> None:
         self.directory = Path(directory)
         self.argument, self.kind, self.notes, self.exclusive = argument, kind, tuple(notes), exclusive
+        self.derived = tuple(derived)
         self.record = self.directory / record
         self.identity: dict[str, Any] = _as_json(dict(identity))
         overlap = set(self.identity) & set(self.notes)
@@ -87,7 +91,10 @@ class RunFolder:
             if self.exclusive and self.directory.is_dir() and any(self.directory.iterdir()):
                 raise ValueError(f"{self.argument}: {str(self.directory)!r} is not empty and holds no fastrit run")
             return None
-        found = differences({k: v for k, v in saved.items() if k not in self.notes}, self.identity)
+        recorded = {k: v for k, v in saved.items() if k not in self.notes}
+        found = (differences(*({k: v for k, v in side.items() if k not in self.derived}
+                               for side in (recorded, self.identity)))
+                 or differences(recorded, self.identity))
         if found:
             raise ValueError(f"{self.argument}: {str(self.directory)!r} holds a {self.kind} made differently; "
                              + "; ".join(found) + f". Use another {self.argument}, or the same arguments.")

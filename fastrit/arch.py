@@ -439,9 +439,11 @@ def _dense_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     if is_bnb_4bit(module):
         from .ops.nf4 import bnb_nf4_weight, import_bnb, nf4_dequantize
 
-        if module.weight.quant_state.quant_type == "nf4":  # fastrit's dequantization: bitsandbytes' definition
-            return nf4_dequantize(*bnb_nf4_weight(module)), bias
-        return import_bnb().dequantize_4bit(module.weight.data, module.weight.quant_state), bias  # FP4
+        state = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
+        if state is not None and state.quant_type == "fp4":
+            return import_bnb().dequantize_4bit(module.weight.data, state), bias
+        # NF4, fastrit's dequantization (bitsandbytes' definition); ValueError for a layer not quantized yet
+        return nf4_dequantize(*bnb_nf4_weight(module)), bias
     if _is_nf4_linear(module):
         return module.dequantize(), bias
     weight = getattr(module, "weight", None)

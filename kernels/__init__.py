@@ -55,3 +55,6 @@ else:
         if name in _MODULES:
             return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_LAUNCHERS, *_MODULES})

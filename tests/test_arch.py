@@ -5,7 +5,7 @@ import torch
 import transformers
 
 import fastrit
-from fastrit.arch import linear_weight
+from fastrit.arch import dense_weight, linear_weight
 from tests.tiny_models import prompt_batch
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox"]
@@ -127,3 +127,19 @@ def test_cpu_4bit_inference_kernel_is_refused(tmp_path, monkeypatch):
     for attribute in (fastrit.attribute, fastrit.attribute_reference):
         with pytest.raises(ValueError, match="model: .*4-bit .*inference-only"):
             attribute(quantized, input_ids, attention_mask=attention_mask, target_ids=target_ids)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_dense_weight_of_a_bitsandbytes_4bit_layer_is_bitsandbytes_dequantization(quant_type):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    layer = bnb.nn.Linear4bit(64, 32, quant_type=quant_type, compute_dtype=torch.float32)
+    layer.load_state_dict(linear.state_dict())
+    layer = layer.to("cpu")  # bitsandbytes quantizes on the move
+    weight, bias = dense_weight(layer)
+    want = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(weight, want) and torch.equal(bias, linear.bias.detach())
+    raw = bnb.nn.Linear4bit(64, 32, quant_type="nf4")  # still float: not quantized yet
+    with pytest.raises(ValueError, match="module.*not quantized"):
+        dense_weight(raw)

@@ -9,6 +9,8 @@ products' summation order follows the tensors' memory alignment, so even ``copy.
 differently from the reader itself.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -43,15 +45,27 @@ class MadeUpMLP(nn.Module):
 
 
 class MadeUpDecoderLayer(LlamaDecoderLayer):
-    """Llama's layer with its MLP registered as ``ffn`` (Llama's forward reads ``self.mlp``: it finds ``ffn``)."""
+    """Llama's layer with its MLP registered as ``ffn``. Llama's forward reads ``self.mlp``: only inside this layer's
+    own forward does ``mlp`` lead to ``ffn``, so any fastrit code that reads ``layer.mlp`` instead of following the
+    spec fails here."""
 
     def __init__(self, config: MadeUpConfig, layer_idx: int) -> None:
         super().__init__(config, layer_idx)
         del self.mlp
         self.ffn = MadeUpMLP(config)
+        self._in_forward = False
+
+    def forward(self, *args, **kwargs):
+        self._in_forward = True
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._in_forward = False
 
     @property
     def mlp(self) -> nn.Module:
+        if not self._in_forward:
+            raise AttributeError("a madeup_lm layer has no 'mlp' (its MLP is 'ffn')")
         return self.ffn
 
 
@@ -98,6 +112,13 @@ def records():
     return fastrit.data.RagData(full.records.select(range(6)), {})
 
 
+@pytest.fixture(scope="module")
+def expected_sets(reader, records):
+    """The sets mined on the reader (the family fastrit knows)."""
+    base, tokenizer = reader
+    return fastrit.mine(base, tokenizer, records, steps=2, progress=False, target_layers=1)
+
+
 def _batch(records, tokenizer):
     return fastrit.data.prompts(records, tokenizer, condition="irrelevant", k=2).tensors()
 
@@ -113,7 +134,7 @@ def test_the_family_is_unknown_without_its_spec(reader):
     assert not hasattr(model, fastrit.arch.SPEC_ATTR) and getattr(model, "fastrit_preparation", None) is None
 
 
-def test_attribute_and_mine_equal_the_known_family(reader, records):
+def test_attribute_and_mine_equal_the_known_family(reader, records, expected_sets):
     base, tokenizer = reader
     model = _made_up(base)
     batch = _batch(records, tokenizer)
@@ -121,7 +142,7 @@ def test_attribute_and_mine_equal_the_known_family(reader, records):
     theirs = fastrit.attribute(base, **batch, steps=4)
     torch.testing.assert_close(ours.scores, theirs.scores, rtol=1e-4, atol=1e-5)
     mined = fastrit.mine(model, tokenizer, records, steps=2, progress=False, spec=SPEC, target_layers=1)
-    expected = fastrit.mine(base, tokenizer, records, steps=2, progress=False, target_layers=1)
+    expected = expected_sets
     assert mined.model["model_type"] == "madeup_lm"
     assert mined.examples == expected.examples and mined.examples["irrelevant"] > 0
     for condition in ("relevant", "irrelevant"):
@@ -209,3 +230,22 @@ def test_a_spec_without_an_mlp_layout_serves_attribution_only(reader):
     with pytest.raises(ValueError, match="mlp: its output 'w_up' must be the last part of mlp_out"):
         fastrit.ArchSpec(layers="layers", mlp_out="ffn.w_down", final_norm="norm",
                          mlp=fastrit.MLPLayout(inputs=("w_gate",), output="w_up", act="act"))
+
+
+def test_prepare_measures_and_limits_deactivation_through_the_spec(reader, expected_sets):
+    """Check prompts: the deactivation search and the measured effect run the made-up model through its spec."""
+    base, _ = reader
+    prompts = [list(range(5, 25)), list(range(40, 52))]
+    kwargs = dict(train_layers=[1], quantize_frozen=None, gradient_checkpointing=False, check_prompts=prompts,
+                  deactivation_tolerance=0.0)
+    known = fastrit.prepare(_made_up_copy_of_reader(base), expected_sets, **kwargs).fastrit_preparation
+    # the same statistics, as if mined on the made-up model (prepare refuses sets mined on another family)
+    sets = dataclasses.replace(expected_sets, model={**expected_sets.model, "model_type": "madeup_lm"})
+    made_up = fastrit.prepare(_made_up(base), sets, spec=SPEC, **kwargs).fastrit_preparation
+    assert known.settings["deactivation_limit"]["mined"] > 0  # the search ran
+    assert made_up.settings["deactivation_limit"] == known.settings["deactivation_limit"]
+    assert made_up.deactivated.keys() == known.deactivated.keys()
+    assert all(torch.equal(made_up.deactivated[k], known.deactivated[k]) for k in known.deactivated)
+    assert made_up.effect.keys() == known.effect.keys() and "deactivation" in made_up.effect
+    for name, change in known.effect.items():
+        assert made_up.effect[name]["argmax_agreement"] == change["argmax_agreement"], name

@@ -20,6 +20,20 @@ def test_differences_are_listed_key_by_key_nested_and_sorted():
     assert differences(saved, current) == ["a.y: [1, 2] there, [1, 3] now", "b: 1 there, 2 now",
                                            "gone: True there, None now"]
     assert differences(current, current) == []
+    nan = float("nan")  # a setting that is NaN is the same setting when the run starts again
+    assert differences({"lr": nan, "a": {"b": nan}}, {"lr": nan, "a": {"b": nan}}) == []
+
+
+def test_a_derived_key_is_listed_only_when_nothing_else_differs(tmp_path):
+    def identity(steps, digest):
+        return {"fingerprint": digest, "settings": {**IDENTITY["settings"], "steps": steps}}
+
+    _folder(tmp_path, identity(2, "aa"), derived=("fingerprint",)).write()
+    with pytest.raises(ValueError, match=r"settings\.steps: 2 there, 3 now\. Use") as refused:
+        _folder(tmp_path, identity(3, "bb"), derived=("fingerprint",)).check()
+    assert "fingerprint" not in str(refused.value)
+    with pytest.raises(ValueError, match="fingerprint: 'aa' there, 'bb' now"):
+        _folder(tmp_path, identity(2, "bb"), derived=("fingerprint",)).check()
 
 
 def test_a_new_folder_is_created_and_its_record_holds_identity_and_notes(tmp_path):

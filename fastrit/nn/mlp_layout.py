@@ -38,7 +38,8 @@ class _LayoutsView(Mapping):
         return sum(1 for _ in self)
 
 
-#: model_type -> layout, for the families fastrit recognises (a view of :data:`fastrit.arch.FAMILIES`)
+#: model_type -> layout, for the families fastrit recognises: a read-only view of :data:`fastrit.arch.FAMILIES`
+#: (register a family there, as an ``ArchSpec`` with ``mlp=``; assigning here is a TypeError)
 MLP_LAYOUTS: Mapping[str, MLPLayout] = _LayoutsView()
 
 

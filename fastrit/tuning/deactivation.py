@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..arch import ArchSpec
 from ..mining import NeuronSets
 from .effect import compare, next_token_logprobs, zeroed_neurons
 
@@ -46,15 +47,15 @@ def _as_map(pairs: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
 
 def limit_deactivation(model: nn.Module, neurons: Mapping[int, torch.Tensor], neuron_sets: NeuronSets,
                        check: dict[str, torch.Tensor], before: torch.Tensor,
-                       tolerance: float) -> tuple[dict[int, torch.Tensor], dict]:
+                       tolerance: float, spec: ArchSpec | None = None) -> tuple[dict[int, torch.Tensor], dict]:
     """``(the neurons to deactivate, a record of the search)``: the longest prefix of :func:`ranked_neurons` whose
     zeroing keeps the argmax next token on at least ``1 - tolerance`` of the positions of ``check`` (a batch of
     ``input_ids`` / ``attention_mask``); ``before``: the model's own :func:`next_token_logprobs` on ``check``. The
-    model is run with hooks only and left as it was."""
+    model is run with hooks only and left as it was; ``spec``: where its MLPs are (default the model's)."""
     ranking = ranked_neurons(neurons, neuron_sets)
 
     def agreement(count: int) -> float:
-        with zeroed_neurons(model, _as_map(ranking[:count])):
+        with zeroed_neurons(model, _as_map(ranking[:count]), spec):
             return compare(before, next_token_logprobs(model, check)).argmax_agreement
 
     low, high = 0, len(ranking)  # invariant: the first `low` fit; more than `high` do not

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .. import _args
-from ..arch import resolve_arch
+from ..arch import ArchSpec, resolve_arch
 from ..evaluate import eval_mode
 
 __all__ = ["ARGMAX_AGREEMENT_WARNING", "ModelChange", "check_batch", "compare", "next_token_logprobs",
@@ -122,10 +122,11 @@ def _zeroing_hook(indices: torch.Tensor):
 
 
 @contextlib.contextmanager
-def zeroed_neurons(model: nn.Module, neurons: Mapping[int, torch.Tensor]):
+def zeroed_neurons(model: nn.Module, neurons: Mapping[int, torch.Tensor], spec: ArchSpec | None = None):
     """The model with the given neurons' site values set to 0 (fastrit's definition of deactivation), by forward
-    pre-hooks on the MLP output projections; the hooks are removed on exit, whatever happens."""
-    arch = resolve_arch(model)
+    pre-hooks on the MLP output projections (found by ``spec``, default the model's, as
+    :func:`fastrit.arch.model_spec`); the hooks are removed on exit, whatever happens."""
+    arch = resolve_arch(model, spec)
     with contextlib.ExitStack() as stack:
         for layer, indices in neurons.items():
             if not len(indices):

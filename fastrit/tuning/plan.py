@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from .. import _args
-from ..arch import decoder_layers
+from ..arch import decoder_layers, model_spec
 from ..memory import BUILT_IN_CONFIGS, DTYPES, GIB, MemoryPlan, meta_model, resolve_config
 from ..nn.mlp_layout import mlp_layout
 from .loss import MIN_CHUNK_BYTES, chunk_positions
@@ -131,8 +131,8 @@ def plan_memory(config, *, seq_len: int = 2048, batch_size: int = 1, train: str 
 def _check_arguments(*, seq_len, batch_size, train, quantize_frozen, optimizer, gradient_checkpointing,
                      master_weights, loss_chunk_bytes, loss, dtype, device) -> None:
     """ValueError naming the first argument (in this order) that plan_memory cannot plan for."""
-    _args.positive("seq_len", seq_len, what="a positive int")
-    _args.positive("batch_size", batch_size, what="a positive int")
+    _args.positive("seq_len", seq_len)
+    _args.positive("batch_size", batch_size)
     _args.one_of("train", train, TRAIN_MODES)
     _args.one_of("quantize_frozen", quantize_frozen, QUANTIZE_MODES)
     _args.one_of("optimizer", optimizer, OPTIMIZERS)
@@ -360,7 +360,8 @@ def _weight_copy_bytes(model: nn.Module, step: _Step) -> int:
     the layers that are not checkpointed hold at the loss, and, for each checkpointed layer, what it holds with the
     layers below it that are not checkpointed (those above have freed theirs in their backward)."""
     head = model.get_output_embeddings()
-    lora_output = f"mlp.{mlp_layout(model).output}.base_layer"
+    spec = model_spec(model)
+    lora_output = f"{spec.mlp_path}.{mlp_layout(model, spec).output}.base_layer"
     held, largest = [], 0
     for index, layer in enumerate(decoder_layers(model)):
         kept, dequantized = _layer_weight_copies(layer, index, step, head, lora_output)

@@ -246,7 +246,7 @@ def _deactivated_only(model: nn.Module, plan: _Plan, check, before):
         return None
     if not plan.deactivated:
         return before
-    with zeroed_neurons(model, plan.deactivated):
+    with zeroed_neurons(model, plan.deactivated, plan.spec):
         return next_token_logprobs(model, check)
 
 
@@ -353,7 +353,7 @@ def _limit_deactivation(model, plan: _Plan, neuron_sets, check, before, deactiva
             or neuron_sets is None or not plan.deactivated or _on_meta(model)):
         return None
     plan.deactivated, limit = limit_deactivation(model, plan.deactivated, neuron_sets, check, before,
-                                                 float(deactivation_tolerance))
+                                                 float(deactivation_tolerance), plan.spec)
     logger.info("fastrit.prepare: deactivating %s", limit)
     return limit
 

@@ -202,7 +202,8 @@ def _open_run(output_dir: str | os.PathLike, settings: TuneSettings, data: RagDa
     for a non-empty folder that holds no run."""
     record = settings.record(data, prepare_kwargs)
     run = RunFolder(output_dir, argument="output_dir", record=RUN_RECORD, kind="tuning run", notes=("prepared",),
-                    identity={"fingerprint": _fingerprint(record), "settings": record}, exclusive=True)
+                    identity={"fingerprint": _fingerprint(record), "settings": record}, exclusive=True,
+                    derived=("fingerprint",))
     return run, run.check() or {}
 
 

@@ -126,8 +126,12 @@ def test_bad_input_is_refused_before_training(tmp_path, monkeypatch):
                          **bad)
         assert not (tmp_path / "h").exists() and getattr(model, "fastrit_preparation", None) is None
     _tune(tmp_path / "f", stages=("denoise",), max_steps=1)
-    with pytest.raises(ValueError, match="^output_dir"):
+    with pytest.raises(ValueError, match="^output_dir") as refused:
         _tune(tmp_path / "f", stages=("denoise",), max_steps=2)
+    assert "max_steps: 1 there, 2 now" in str(refused.value) and "fingerprint" not in str(refused.value)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="^output_dir: .* exists and is not a directory"):
+        _tune(tmp_path / "a_file", stages=("denoise",), max_steps=1)
     reader, _ = demo.load_model()
     with pytest.raises(ValueError, match="^model"):
         fastrit.NeuroRITTrainer(reader, transformers.TrainingArguments(output_dir=str(tmp_path / "g"),
