@@ -297,8 +297,7 @@ def _check(tokens: int, answer_tokens: int, steps: int | str, positions: str, ba
     _args.one_of("objective", objective, OBJECTIVES, what=f"one of {', '.join(OBJECTIVES)}")
     check_optional_count("batch_size", batch_size)
     _args.one_of("dtype", dtype, DTYPES, what=f"one of {sorted(DTYPES)}")
-    if device not in DEVICES:
-        raise ValueError(f"device: expected 'cuda' or 'cpu', got {device!r}")
+    _args.one_of("device", device, DEVICES, what="'cuda' or 'cpu'")
 
 
 def _model(config, dtype: str, tokens: int, answer_tokens: int) -> tuple[_Model, nn.Module]:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from .. import _args
-from ..tuning.stages import STAGES
+from ..tuning.stages import STAGES, check_stage_names
 from ._common import (
     HelpFormatter,
     add_data_arguments,
@@ -120,8 +120,7 @@ def run_tune(args: argparse.Namespace) -> None:
     from fastrit import demo
 
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
-    if not stages or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
-        raise ValueError(f"--stages: expected distinct names among {STAGES}, got {args.stages!r}")
+    check_stage_names("--stages", stages, given=args.stages)
     sets, prepare_kwargs = prepare_settings(args)
     data = load_data(args)
     eval_data = None

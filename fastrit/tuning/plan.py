@@ -56,9 +56,8 @@ import torch
 from torch import nn
 
 from .. import _args
-from ..arch import decoder_layers, model_spec
+from ..arch import decoder_layers, mlp_layout, model_spec
 from ..memory import BUILT_IN_CONFIGS, DTYPES, GIB, MemoryPlan, meta_model, resolve_config
-from ..nn.mlp_layout import mlp_layout
 from .loss import MIN_CHUNK_BYTES, chunk_positions
 from .prepare import QUANTIZE_MODES, TRAIN_MODES, checkpointed_layers, prepare
 
@@ -363,7 +362,7 @@ def _weight_copy_bytes(model: nn.Module, step: _Step) -> int:
     spec = model_spec(model)
     lora_output = f"{spec.mlp_path}.{mlp_layout(model, spec).output}.base_layer"
     held, largest = [], 0
-    for index, layer in enumerate(decoder_layers(model)):
+    for index, layer in enumerate(decoder_layers(model, spec)):
         kept, dequantized = _layer_weight_copies(layer, index, step, head, lora_output)
         held.append(kept if index >= step.lowest else 0)
         largest = max(largest, dequantized)

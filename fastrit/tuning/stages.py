@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import datasets
@@ -23,9 +24,17 @@ from .. import data as rag
 from ..data import RagData
 from ..data.turns import end_token_id
 
-__all__ = ["STAGES", "StageData", "collate", "stage_data"]
+__all__ = ["STAGES", "StageData", "check_stage_names", "collate", "stage_data"]
 
 STAGES = ("denoise", "distill")
+
+
+def check_stage_names(name: str, stages: Sequence[str], given: object = None) -> None:
+    """ValueError naming ``name`` unless ``stages`` are one or more distinct names of :data:`STAGES`; the message
+    shows ``given`` (what the user wrote; default ``stages``)."""
+    if not stages or any(s not in STAGES for s in stages) or len(set(stages)) != len(stages):
+        shown = stages if given is None else given
+        raise ValueError(f"{name}: expected distinct names among {STAGES}, got {shown!r}")
 IGNORE_INDEX = -100
 
 

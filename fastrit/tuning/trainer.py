@@ -40,7 +40,7 @@ from .effect import ModelChange
 from .loss import causal_lm_loss
 from .metrics import answer_loss, answer_loss_after_evidence, answer_loss_over_own_evidence
 from .prepare import PREPARATION_ATTR, prepare, prepare_on_meta
-from .stages import STAGES, StageData, collate, stage_data
+from .stages import STAGES, StageData, check_stage_names, collate, stage_data
 
 __all__ = ["DELTA_NAME", "NeuroRITTrainer", "OPTIMIZERS", "TuneSettings", "tune"]
 
@@ -164,9 +164,7 @@ class TuneSettings:
     def check(self) -> None:
         """Raise ValueError naming the first setting out of range: stage names (distinct, among :data:`STAGES`),
         the optimizer, ``loss_chunk_bytes``, a per-stage mapping with an unknown stage or without a stage run."""
-        if (not self.stages or any(s not in STAGES for s in self.stages)
-                or len(set(self.stages)) != len(self.stages)):
-            raise ValueError(f"stages: expected distinct names among {STAGES}, got {self.stages!r}")
+        check_stage_names("stages", self.stages)
         _args.one_of("optimizer", self.optimizer, OPTIMIZERS, what=f"one of {sorted(OPTIMIZERS)}")
         _args.positive("loss_chunk_bytes", self.loss_chunk_bytes, optional=True, what="a positive number of bytes")
         for stage in self.stages:
